@@ -1,0 +1,402 @@
+"""Typed run configuration: one frozen dataclass per concern, validated before any training.
+
+Everything a run does is decided here. `Config.to_dict()` is what goes into every checkpoint and into
+MLflow params; `Config.from_dict()` reads it back; `apply_overrides(cfg, ["optim.lr=3e-4"])` is the
+`--set` of every job. Invariants are checked in `__post_init__` with messages that say what to change,
+including the ones the paper's code silently accepts (ALGORITHM §2.2: a batch too small for the
+bootstrap layout quietly trains a single step size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says what to change."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shortcut DiT shape (ALGORITHM §1). Image side/channels/classes come from DataConfig."""
+
+    hidden_size: int = 384
+    """Transformer width (DiT-S: 384, B: 768, L: 1024, XL: 1152)."""
+    depth: int = 12
+    """Number of adaLN DiT blocks."""
+    num_heads: int = 6
+    """Attention heads; head dim = hidden_size / num_heads; logits are scaled by 1/head_dim (§1.1)."""
+    patch_size: int = 2
+    """Patch side; the input side must be divisible by it."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of hidden_size."""
+    zero_block_adaln: bool = False
+    """Ablation: zero-init every block's adaLN (standard DiT). Official shortcut code: False (§1.2)."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "depth", "num_heads", "patch_size"):
+            _check(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        _check(self.hidden_size % 4 == 0,
+               f"model.hidden_size ({self.hidden_size}) must be divisible by 4 for the 2-D sin-cos positions")
+        _check(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Training objective (ALGORITHM §2, §6.1, §10)."""
+
+    train_type: str = "shortcut"
+    """'shortcut' or 'flow_matching' (the paper's 'naive'); see objective.OBJECTIVES."""
+    denoise_timesteps: int = 128
+    """M: finest discretisation; fixes the flow t-grid, base level log2 M and the largest N (§4)."""
+    bootstrap_every: int = 8
+    """1/bootstrap_every of the global batch are self-consistency rows (B_b = B // bootstrap_every)."""
+    bootstrap_ema: bool = True
+    """Bootstrap targets from the EMA network (True, official) or the online one."""
+    bootstrap_dt_bias: int = 0
+    """0: levels L-1..0 laid out evenly; 1: favour big steps (§2.2)."""
+    bootstrap_cfg: bool = False
+    """Distil classifier-free guidance into the shortcut levels through the first n_cfg rows (§2.5)."""
+    cfg_scale: float = 1.5
+    """Guidance weight w used by bootstrap CFG (and the 'cfg' eval entry)."""
+    class_dropout_prob: float = 0.1
+    """Probability of replacing a flow row's label by the null id (flow rows only, §2.6)."""
+    class_conditional: bool = True
+    """False: every label is the null id (the unconditional CelebA recipe)."""
+    clip_bootstrap: float = 4.0
+    """Clip of the intermediate x' and of the bootstrap target (§2.5)."""
+    eps: float = 1e-5
+    """sigma_min of x_t = (1-(1-eps)t) x0 + t x1."""
+
+    def __post_init__(self) -> None:
+        from_registry = ("shortcut", "flow_matching")
+        _check(self.train_type in from_registry,
+               f"objective.train_type must be one of {from_registry}, got {self.train_type!r}")
+        m = self.denoise_timesteps
+        _check(m >= 2 and (m & (m - 1)) == 0,
+               f"objective.denoise_timesteps must be a power of two >= 2 (e.g. 128), got {m}")
+        _check(self.bootstrap_every >= 1, f"objective.bootstrap_every must be >= 1, got {self.bootstrap_every}")
+        _check(self.bootstrap_dt_bias in (0, 1),
+               f"objective.bootstrap_dt_bias must be 0 or 1, got {self.bootstrap_dt_bias}")
+        _check(0.0 <= self.class_dropout_prob <= 1.0,
+               f"objective.class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+        _check(self.clip_bootstrap > 0, f"objective.clip_bootstrap must be > 0, got {self.clip_bootstrap}")
+        _check(0 <= self.eps < 1, f"objective.eps must be in [0, 1), got {self.eps}")
+
+    @property
+    def num_levels(self) -> int:
+        """L = log2(M): the flow-matching base level; bootstrap levels are 0..L-1."""
+        return int(math.log2(self.denoise_timesteps))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW defaults of ALGORITHM §3.1: constant lr, decoupled wd 0.1 on every parameter, no clip."""
+
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Decoupled, applied to every parameter (no exclusions), as optax.adamw."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (official runs: 0)."""
+    schedule: str = "constant"
+    """'constant' (official) or 'cosine' (decays to 0 at train.max_steps after warm-up)."""
+    grad_clip: float = 0.0
+    """Global grad-norm clip; <= 0 disables (official: none)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule in ("constant", "cosine"),
+               f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """EMA of the online weights, updated after every optimiser step (ALGORITHM §3.2)."""
+
+    decay: float = 0.999
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta."""
+    eval_with_ema: bool = False
+    """Sample / compute FID with the EMA weights (official default: online weights)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.decay < 1.0, f"ema.decay must be in [0, 1), got {self.decay}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from and what they look like (after decoding)."""
+
+    source: str = "digits"
+    """'digits' (scikit-learn's bundled set, written to Parquet shards on first use), 'parquet'
+    (shards written by jobs.prepare_data), or 'fashion_mnist' (IDX files at `uri`)."""
+    uri: str = ""
+    """Dataset location: a directory/prefix of Parquet shards (local path, gs://, any fsspec URI), or
+    for fashion_mnist the folder/URL of the IDX files. Empty for digits: a cache dir is used."""
+    image_size: int = 16
+    """Side of the square model input (pixels, or latent side for latent datasets)."""
+    channels: int = 1
+    """Channels of the model input (1 grayscale, 3 RGB, 4 SD-VAE latents)."""
+    num_classes: int = 10
+    """Number of real classes; the null (CFG) label is num_classes."""
+    kind: str = "pixels"
+    """'pixels' (images in [-1, 1]) or 'latents' (VAE posterior mean/logvar, sampled each step)."""
+    latent_scale: float = 0.18215
+    """Multiplier applied to sampled latents (SD-VAE, ALGORITHM §3.4)."""
+    random_flip: bool = True
+    """Random horizontal flip in the input pipeline (pixels only; latents store a flipped copy)."""
+    shuffle_buffer: int = 2048
+    """Local shuffle buffer of iter_torch_batches, on top of the per-epoch file shuffle."""
+    prefetch_batches: int = 2
+    """Batches prefetched by each worker's iterator."""
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("digits", "parquet", "fashion_mnist"),
+               f"data.source must be 'digits', 'parquet' or 'fashion_mnist', got {self.source!r}")
+        _check(self.source != "parquet" or bool(self.uri),
+               "data.source='parquet' needs data.uri (a local path or gs://bucket/prefix of shards)")
+        _check(self.kind in ("pixels", "latents"), f"data.kind must be 'pixels' or 'latents', got {self.kind!r}")
+        _check(self.image_size >= 1 and self.channels >= 1 and self.num_classes >= 1,
+               "data.image_size, data.channels and data.num_classes must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop, cluster shape, storage and periodic actions (`*_every` <= 0 disables; all also run after
+    the last step)."""
+
+    global_batch: int = 64
+    """Batch over all workers; split evenly. The bootstrap layout is built over it (pitfall 9)."""
+    max_steps: int = 2000
+    seed: int = 10
+    num_workers: int = 1
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per worker; leave spare CPUs for Ray Data tasks (RAY_NOTES §2)."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    compile: bool = False
+    """torch.compile each DiT block."""
+    activation_checkpointing: bool = False
+    log_every: int = 50
+    sample_every: int = 1000
+    """Sample grids at N = 1, 2, 4, ..., M from fixed noise."""
+    checkpoint_every: int = 1000
+    eval_every: int = 0
+    """FID during training (needs eval.fid_weights)."""
+    storage_path: str = ""
+    """Ray run storage (local dir or gs://bucket/prefix). Empty: ./runs under the working directory."""
+    run_name: str = ""
+    """Stable name of the run; relaunching with the same name resumes it. Empty: derived."""
+    resume_from: str = ""
+    """Checkpoint URI of an earlier run to warm-start from (weights, EMA, optimiser, step)."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before giving up (-1: forever)."""
+    num_to_keep: int = 3
+    """Checkpoints kept by Ray (oldest deleted)."""
+
+    def __post_init__(self) -> None:
+        _check(self.global_batch >= 1, f"train.global_batch must be >= 1, got {self.global_batch}")
+        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers}")
+        _check(self.global_batch % self.num_workers == 0,
+               f"train.global_batch ({self.global_batch}) must be divisible by train.num_workers "
+               f"({self.num_workers}); e.g. set train.global_batch={self.num_workers * max(1, self.global_batch // self.num_workers)}")
+        _check(self.precision in ("auto", "bf16", "fp32"),
+               f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        _check(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _check(self.num_to_keep >= 1, f"train.num_to_keep must be >= 1, got {self.num_to_keep}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sampling grids and FID (ALGORITHM §4, §5)."""
+
+    sample_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    """Step counts of the logged sample grids."""
+    grid_size: int = 8
+    """Grid is grid_size x grid_size samples from fixed noise (seed eval.seed)."""
+    cfg_scale: float = 1.0
+    """Inference guidance w: 1 = conditional only, 0 = unconditional."""
+    fid_steps: tuple[int, ...] = (1, 4, 128)
+    fid_samples: int = 2048
+    """Samples per N for FID during training (the paper uses 4096; 50k in jobs.evaluate)."""
+    fid_weights: str = ""
+    """FID InceptionV3 weights (TorchScript or pytorch-fid state dict; path or fsspec URI)."""
+    fid_ref_stats: str = ""
+    """Reference statistics (.npz with mu, sigma); empty: computed from the training data and cached."""
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(len(self.sample_steps) >= 1 and len(self.fid_steps) >= 1,
+               "eval.sample_steps and eval.fid_steps must not be empty")
+        for n in (*self.sample_steps, *self.fid_steps):
+            _check(isinstance(n, int) and 1 <= n, f"eval step counts must be positive integers, got {n}")
+        _check(self.grid_size >= 1, f"eval.grid_size must be >= 1, got {self.grid_size}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking from rank 0."""
+
+    tracking_uri: str = ""
+    """MLflow URI; empty: $MLFLOW_TRACKING_URI, else a local sqlite store in the working directory."""
+    experiment: str = "shortcut-ray"
+    run_name: str = ""
+    """MLflow run name; empty: '<preset>-<train_type>-<timestamp>'."""
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. `preset` records the preset it was derived from."""
+
+    preset: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.data.image_size % self.model.patch_size == 0,
+               f"data.image_size ({self.data.image_size}) must be divisible by model.patch_size "
+               f"({self.model.patch_size})")
+        m = self.objective.denoise_timesteps
+        for n in self.eval.sample_steps + self.eval.fid_steps:
+            _check(n <= m, f"eval step count {n} exceeds objective.denoise_timesteps ({m}); "
+                           f"the model was never trained on steps smaller than 1/{m}")
+        if self.objective.train_type == "shortcut":
+            _validate_bootstrap_layout(self.objective, self.train.global_batch, self.train.num_workers)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _from_dict(cls, d)
+
+    def flat(self) -> dict[str, object]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, object] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                for k, v in values.items():
+                    out[f"{section}.{k}"] = v
+            else:
+                out[section] = values
+        return out
+
+
+def bootstrap_batch(objective: ObjectiveConfig, global_batch: int) -> int:
+    """B_b = B // bootstrap_every (ALGORITHM §2.1)."""
+    return global_batch // objective.bootstrap_every
+
+
+def _validate_bootstrap_layout(obj: ObjectiveConfig, global_batch: int, world: int) -> None:
+    """Refuse layouts the official code accepts but that silently drop step levels (§2.2, pitfall 9)."""
+    b_b = bootstrap_batch(obj, global_batch)
+    levels = obj.num_levels
+    per_level = b_b // levels if obj.bootstrap_dt_bias == 0 else (b_b // 2) // levels
+    need = levels if obj.bootstrap_dt_bias == 0 else 2 * levels
+    _check(per_level >= 1,
+           f"train.global_batch={global_batch} with objective.bootstrap_every={obj.bootstrap_every} gives "
+           f"{b_b} bootstrap rows, fewer than the {need} needed to give each of the {levels} step levels "
+           f"at least one row (bootstrap_dt_bias={obj.bootstrap_dt_bias}); with this the paper's code "
+           f"silently trains only d=1. Raise train.global_batch to at least "
+           f"{need * obj.bootstrap_every} or lower objective.bootstrap_every.")
+    _check(b_b % world == 0,
+           f"the {b_b} bootstrap rows (train.global_batch // objective.bootstrap_every) must split evenly over "
+           f"train.num_workers={world}; choose train.global_batch as a multiple of "
+           f"{obj.bootstrap_every * world}")
+    _check(not obj.bootstrap_cfg or obj.class_conditional,
+           "objective.bootstrap_cfg needs class labels; set objective.class_conditional=true or bootstrap_cfg=false")
+
+
+# -- dict / override plumbing --------------------------------------------------------------------
+
+def _from_dict(cls, d: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    _check(not unknown, f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(names)}")
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            kwargs[f.name] = _from_dict(t, v)
+        elif typing.get_origin(t) is tuple:
+            kwargs[f.name] = tuple(v)
+        else:
+            kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def _parse_value(raw: str, typ):
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"expected a boolean (true/false), got {raw!r}")
+    if typ is int:
+        return int(raw)
+    if typ is float:
+        return float(raw)
+    if typing.get_origin(typ) is tuple:
+        items = [s for s in raw.strip("()[] ").split(",") if s.strip()]
+        (inner, *_rest) = typing.get_args(typ)
+        return tuple(_parse_value(s.strip(), inner) for s in items)
+    return raw
+
+
+def apply_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
+    """Apply `section.key=value` strings (the `--set` of every job); values are parsed by field type."""
+    d = cfg.to_dict()
+    hints = typing.get_type_hints(Config)
+    for item in overrides:
+        _check("=" in item, f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] == "preset":
+            d["preset"] = raw
+            continue
+        _check(len(parts) == 2, f"override key {key!r} must be section.key, e.g. train.max_steps")
+        section, name = parts
+        _check(section in d and isinstance(d[section], dict),
+               f"unknown config section {section!r}; valid: {[k for k, v in d.items() if isinstance(v, dict)]}")
+        sec_hints = typing.get_type_hints(hints[section])
+        _check(name in sec_hints, f"unknown key {key!r}; valid keys in {section}: {sorted(sec_hints)}")
+        try:
+            d[section][name] = _parse_value(raw, sec_hints[name])
+        except ValueError as e:
+            raise ConfigError(f"cannot parse {key}={raw!r} as {sec_hints[name]}: {e}") from None
+    return Config.from_dict(d)
