@@ -262,6 +262,10 @@ class TrackingConfig:
     run_name: str = ""
     """MLflow run name; empty: '<preset>-<train_type>-<timestamp>'."""
     enabled: bool = True
+    parent_run_id: str = ""
+    """Nest the run under this MLflow run (Tune sweeps: one parent run per sweep)."""
+    tags: str = ""
+    """Extra run tags as 'k1=v1,k2=v2'."""
 
 
 @dataclass(frozen=True)

@@ -193,10 +193,13 @@ class FlowMatchingObjective:
             if nb:
                 boot = per_row[:nb]
                 m["loss_bootstrap"] = boot.mean()
-                k_host = self.layout.k_boot
-                for level in torch.unique(k_host).tolist():  # host-known layout: masks without a sync
+                # Per-level losses over the GLOBAL layout: every rank emits every level (zero where it
+                # holds none), scaled so that the mean over ranks is the global per-level mean.
+                glob = self.layout.global_levels
+                for level in torch.unique(glob).tolist():  # host-known layout: masks without a sync
                     mask = (rows.k[:nb] == level).float()
-                    m[f"loss_bootstrap_k{level}"] = (boot * mask).sum() / int((k_host == level).sum())
+                    share = self.world / int((glob == level).sum())
+                    m[f"loss_bootstrap_k{level}"] = (boot * mask).sum() * share
             m.update(rows.diagnostics)
         return ObjectiveOutput(loss, m)
 

@@ -35,7 +35,7 @@ def digits() -> Config:
     """The embedded default: scikit-learn's 1,797 digits at 16x16, a small DiT, minutes on a laptop CPU."""
     return Config(
         model=model_config("DiT-M/2"),
-        data=DataConfig(source="digits", image_size=16, channels=1, num_classes=10),
+        data=DataConfig(source="digits", image_size=16, channels=1, num_classes=10, random_flip=False),
         optim=dataclasses.replace(Config().optim, lr=5e-4),
         ema=dataclasses.replace(Config().ema, decay=0.99),
         train=TrainConfig(global_batch=64, max_steps=1500, num_workers=2, log_every=25, sample_every=500,

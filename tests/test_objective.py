@@ -256,3 +256,35 @@ def test_wrong_local_batch_is_clear():
     o = obj(64, world=2)
     with pytest.raises(ValueError, match="local batch of 32"):
         o.draw(torch.randn(64, C, H, H), torch.Generator())
+
+
+def test_per_level_metrics_average_to_global_means_across_ranks():
+    """Every rank reports the same metric keys; their mean over ranks is the global per-level loss."""
+    x1, y = batch(256)
+    online = lambda x, t, k, yy: 0.1 * x + 0.01 * k.float().view(-1, 1, 1, 1)
+    single = obj(256)
+    d1 = draws_for(single, x1)
+    rows1 = single.targets(x1, y, d1, online, const(0.2))
+    ref = single.loss_on(online, rows1).metrics
+    world = 4
+    outs = [obj(256, world=world, rank=r) for r in range(world)]
+    keys = None
+    per_rank = []
+    for r, o in enumerate(outs):
+        rows = o.targets(x1[r::world][: 64], y[r::world][: 64], draws_for(o, x1[:64], seed=r), online, const(0.2))
+        m = o.loss_on(online, rows).metrics
+        keys = keys or set(m)
+        assert set(m) == keys  # identical keys, so an all-reduce over a stacked vector lines up
+        per_rank.append(m)
+    assert {f"loss_bootstrap_k{k}" for k in range(7)} <= keys
+    for k in range(7):  # compare with the per-row losses of each rank, pooled by level by hand
+        pooled = []
+        for r, o in enumerate(outs):
+            rows = o.targets(x1[r::world][: 64], y[r::world][: 64], draws_for(o, x1[:64], seed=r), online,
+                             const(0.2))
+            pred = online(rows.x_t, rows.t, rows.k, rows.y)
+            per_row = (pred - rows.target).pow(2).flatten(1).mean(1)[: o.layout.n_boot]
+            pooled.append(per_row[o.layout.k_boot == k])
+        mean_over_ranks = sum(m[f"loss_bootstrap_k{k}"] for m in per_rank) / world
+        torch.testing.assert_close(mean_over_ranks, torch.cat(pooled).mean())
+    assert set(ref) == keys

@@ -1,0 +1,71 @@
+"""FID (and the pixel-space FD proxy) of a checkpoint at each requested step count, logged to MLflow.
+
+    python -m jobs.evaluate runs/RUN/checkpoint_0001500 --steps 1,4,128 --samples 2048
+    python -m jobs.evaluate gs://BUCKET/runs/RUN/checkpoint_0100000 --samples 50000 \
+        --fid-weights gs://BUCKET/weights/fid_inception_v3.pt --set train.num_workers=8 --set train.use_gpu=true
+
+Every Ray Train worker samples its share from fixed noise (the same for every N); features are gathered
+and rank 0 computes the Frechet distances. Results go into the checkpoint's own MLflow run (its id is in
+the checkpoint's state.json) as eval/fid/N{n} and eval/fd_pixel/N{n} at the checkpoint's step, plus an
+artifact with the statistics, sample counts and which weights (online or EMA) were used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from shortcut_ray.config import Config, apply_overrides
+
+
+def read_state(uri: str) -> dict:
+    if "://" not in uri:
+        with open(os.path.join(uri, "state.json")) as f:
+            return json.load(f)
+    from shortcut_ray.data import filesystem
+
+    fs, path = filesystem(uri)
+    return json.loads(fs.cat_file(path.rstrip("/") + "/state.json"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint directory or URI")
+    p.add_argument("--steps", default="", help="comma-separated N (default: the run's eval.fid_steps)")
+    p.add_argument("--samples", type=int, default=0, help="samples per N (default: the run's eval.fid_samples)")
+    p.add_argument("--fid-weights", default="", help="FID InceptionV3 weights (path/URI); empty: FD proxy only")
+    p.add_argument("--weights", choices=("online", "ema"), default="", help="sample with these weights")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config")
+    args = p.parse_args(argv)
+    meta = read_state(args.checkpoint)
+    sets = list(args.set)
+    if args.steps:
+        sets.append(f"eval.fid_steps={args.steps}")
+    if args.samples:
+        sets.append(f"eval.fid_samples={args.samples}")
+    if args.fid_weights:
+        sets.append(f"eval.fid_weights={args.fid_weights}")
+    if args.weights:
+        sets.append(f"ema.eval_with_ema={args.weights == 'ema'}")
+    cfg = apply_overrides(Config.from_dict(meta["config"]), sets)
+    if not cfg.train.storage_path:
+        cfg = apply_overrides(cfg, [f"train.storage_path={tempfile.mkdtemp(prefix='shortcut-eval-')}"])
+    from shortcut_ray.launch import build_evaluator, ensure_ray
+
+    ensure_ray()
+    result = build_evaluator(cfg, args.checkpoint).fit()
+    if result.error:
+        print(f"[shortcut-ray] evaluation failed: {result.error}", file=sys.stderr)
+        return 1
+    m = result.metrics
+    print(f"[shortcut-ray] {args.checkpoint} (step {m['step']}):")
+    for k in sorted(k for k in m if k.startswith("eval/")):
+        print(f"  {k:<22} {m[k]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

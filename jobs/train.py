@@ -1,0 +1,61 @@
+"""Train a shortcut model on Ray.
+
+    python -m jobs.train --preset digits                       # embedded default, local Ray + MLflow
+    python -m jobs.train --preset debug_cpu --set train.max_steps=50 --set optim.lr=3e-4
+    python -m jobs.train --preset digits --resume digits-shortcut-20261122-101500   # continue a run
+    ray job submit --address http://HEAD:8265 --runtime-env cluster/runtime_env.yaml -- \
+        python -m jobs.train --preset fashion_mnist_dit_s --set train.storage_path=gs://BUCKET/runs
+
+The same (train.storage_path, run name) resumes from the run's latest checkpoint; --resume NAME is
+shorthand for `--set train.run_name=NAME`. To warm-start a new run from another run's checkpoint use
+`--set train.resume_from=URI`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shortcut_ray.config import ConfigError, apply_overrides
+from shortcut_ray.presets import PRESETS, get_preset
+
+
+def parse_config(argv=None, description=__doc__):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="digits", help=f"one of: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", default="", metavar="RUN_NAME", help="continue this run from its latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    try:
+        cfg = apply_overrides(get_preset(args.preset), args.set)
+        if args.resume:
+            cfg = apply_overrides(cfg, [f"train.run_name={args.resume}"])
+    except (ConfigError, ValueError) as e:
+        p.exit(2, f"error: {e}\n")
+    return args, cfg
+
+
+def main(argv=None) -> int:
+    from shortcut_ray.launch import fit, resolve_runtime, storage_root
+
+    args, cfg = parse_config(argv)
+    cfg = resolve_runtime(cfg)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    print(f"[shortcut-ray] run {cfg.train.run_name}: storage {storage_root(cfg)}, "
+          f"MLflow {cfg.tracking.tracking_uri} (experiment {cfg.tracking.experiment})", flush=True)
+    result = fit(cfg)
+    if result.error:
+        print(f"[shortcut-ray] run {cfg.train.run_name} failed: {result.error}", file=sys.stderr)
+        return 1
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    print(f"[shortcut-ray] done: run {cfg.train.run_name}, final metrics {result.metrics}, checkpoint {ckpt}")
+    print(f"[shortcut-ray] browse: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

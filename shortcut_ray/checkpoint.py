@@ -1,0 +1,107 @@
+"""A checkpoint is a directory: sharded tensors via torch.distributed.checkpoint plus state.json.
+
+    <dir>/.metadata, __<rank>_0.distcp   model, EMA and optimiser state (DCP, resharded on load)
+    <dir>/state.json                     step, epoch, resolved config, MLflow run id (rank 0)
+
+`save` runs on every rank (each writes its shards; DCP's coordinator writes .metadata) and writes
+state.json last, so a directory with a state.json is complete. Ray-free: the worker reports the
+directory to Ray Train, which uploads it to the run's storage (local or gs://). `load_for_inference`
+reads the weights into a plain single-process model (jobs/sample.py, jobs/evaluate.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+from .config import Config
+
+STATE_FILE = "state.json"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_complete(path: str) -> bool:
+    return os.path.exists(os.path.join(path, STATE_FILE)) and os.path.exists(os.path.join(path, ".metadata"))
+
+
+def save(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+         cfg: Config, extra: dict | None = None, rank: int = 0) -> str:
+    """Write a checkpoint into the empty/new directory `path` (every rank calls this)."""
+    os.makedirs(path, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema)}
+    dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+    if rank == 0:
+        meta = {"step": step, "config": cfg.to_dict(), **(extra or {})}
+        _atomic_write(os.path.join(path, STATE_FILE), json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def save_local_atomic(final_dir: str, *args, **kwargs) -> str:
+    """Single-process save that never leaves a half-written `final_dir` behind (tmp dir + rename)."""
+    parent = os.path.dirname(os.path.abspath(final_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    save(tmp, *args, **kwargs)
+    if os.path.exists(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+    return final_dir
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def load(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model, EMA and optimiser in place (any world size: DCP reshards); returns state.json."""
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete shortcut-ray checkpoint (no {STATE_FILE} or .metadata)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema)}
+    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(ema, state["ema"])
+    return read_state(path)
+
+
+def load_for_inference(path: str, weights: str = "auto") -> tuple[nn.Module, Config, dict]:
+    """A plain (unsharded, fp32, CPU) model from a checkpoint dir. weights: 'online', 'ema' or 'auto'
+    (= the run's ema.eval_with_ema choice)."""
+    from .model import build_model
+
+    meta = read_state(path)
+    cfg = Config.from_dict(meta["config"])
+    if weights == "auto":
+        weights = "ema" if cfg.ema.eval_with_ema else "online"
+    if weights not in ("online", "ema"):
+        raise ValueError(f"weights must be 'online', 'ema' or 'auto', got {weights!r}")
+    model = build_model(cfg)
+    key = "model" if weights == "online" else "ema"
+    state = {key: model.state_dict()}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state[key])
+    meta["weights"] = weights
+    return model.eval(), cfg, meta
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

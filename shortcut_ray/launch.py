@@ -1,0 +1,118 @@
+"""Driver side: builds the Ray Train `TorchTrainer` for a Config and runs it.
+
+Run identity is (storage_path, run_name): launching again with the same pair resumes the run from its
+latest checkpoint (Train V2 restores it through `ray.train.get_checkpoint()`, RAY_NOTES §1c); a lost
+worker restarts the whole group from the last checkpoint up to train.max_failures times (§1e).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+from .config import Config
+from .tracking import resolve_tracking_uri
+
+
+def pyarrow_filesystem(uri: str):
+    """(pyarrow filesystem or None, path) for Ray's storage_path / Checkpoint.
+
+    gs:// goes through gcsfs wrapped in a pyarrow PyFileSystem: pyarrow's native GCS client ignores
+    STORAGE_EMULATOR_HOST and hung against the emulator (RAY_NOTES §1d, §2).
+    """
+    if "://" not in uri or uri.startswith("file://"):
+        return None, os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    import pyarrow.fs as pafs
+
+    from .data import filesystem
+
+    fs, path = filesystem(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def default_run_name(cfg: Config) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.preset}-{cfg.objective.train_type}-{stamp}"
+
+
+def storage_root(cfg: Config) -> str:
+    return cfg.train.storage_path or os.path.abspath("runs")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (ray job submit sets it), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=num_cpus)
+
+
+def resolve_runtime(cfg: Config) -> Config:
+    """Fill what must be decided once on the driver: the run name and an absolute tracking URI."""
+    import dataclasses
+
+    train = cfg.train if cfg.train.run_name else dataclasses.replace(cfg.train, run_name=default_run_name(cfg))
+    tracking = dataclasses.replace(cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking))
+    return dataclasses.replace(cfg, train=train, tracking=tracking)
+
+
+def build_trainer(cfg: Config, callbacks: list | None = None):
+    """The TorchTrainer for a resolved config (see resolve_runtime)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from . import data
+    from .worker import train_loop_per_worker
+
+    uri = data.resolve_dataset(cfg.data)
+    dataset = data.build_dataset(cfg.data, uri, seed=cfg.train.seed)
+    storage = storage_root(cfg)
+    fs, storage_path = pyarrow_filesystem(storage)
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    run_config = ray.train.RunConfig(
+        name=t.run_name, storage_path=storage_path, storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
+        callbacks=callbacks or None)
+    loop_config = {"config": cfg.to_dict(), "run_name": t.run_name, "resume_from": t.resume_from,
+                   "checkpoint_root": f"{storage.rstrip('/')}/{t.run_name}"}
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=run_config, datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+
+
+def build_evaluator(cfg: Config, checkpoint_uri: str):
+    """A TorchTrainer that evaluates `checkpoint_uri` (every worker samples; see worker.evaluate_loop_per_worker)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from . import data
+    from .worker import evaluate_loop_per_worker
+
+    uri = data.resolve_dataset(cfg.data)
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    fs, storage_path = pyarrow_filesystem(storage_root(cfg))
+    return TorchTrainer(
+        evaluate_loop_per_worker, train_loop_config={"config": cfg.to_dict(), "checkpoint": checkpoint_uri},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"{t.run_name}-eval", storage_path=storage_path, storage_filesystem=fs),
+        datasets={"train": data.build_dataset(cfg.data, uri, seed=cfg.eval.seed)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+
+
+def fit(cfg: Config):
+    """Run (or resume) training; returns the ray.train.Result."""
+    ensure_ray()
+    return build_trainer(cfg).fit()

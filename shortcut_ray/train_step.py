@@ -1,0 +1,105 @@
+"""One optimisation step, Ray-free: objective -> backward -> AdamW -> EMA (ALGORITHM §2.1, §3).
+
+`TrainState` owns the parts of a run (model, EMA teacher, optimiser, objective) and its step
+counter; `TrainState.step_on(x1, y)` is the whole hot path and never synchronises with the host:
+metrics come back as device tensors that the caller reads only when it logs. The same object runs
+inside Ray Train workers and in a plain single-process loop (bench/ray_overhead.py, debugging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import Config
+from .distributed import is_sharded, parallelize, resolve_precision, world
+from .ema import make_ema, update_ema
+from .model import build_model
+from .objective import FlowMatchingObjective, build_objective
+from .optim import build_optimizer, lr_at, set_lr
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The draws of a step are a pure function of (seed, step, rank): a resumed run redraws exactly."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63 - 1))
+    return g
+
+
+@dataclass
+class TrainState:
+    cfg: Config
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: FlowMatchingObjective
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    step: int = 0
+
+    @classmethod
+    def create(cls, cfg: Config, device: torch.device | str = "cpu") -> "TrainState":
+        """Build, parallelise and wire every part of a run on this rank."""
+        device = torch.device(device)
+        rank, ws = world()
+        torch.manual_seed(cfg.train.seed)  # identical init on every rank before sharding
+        model = build_model(cfg)
+        ema = make_ema(model)  # theta_ema = theta at init (§3.2)
+        model = parallelize(model, cfg.train, device)
+        ema = parallelize(ema, cfg.train, device)
+        optimizer = build_optimizer(model.parameters(), cfg.optim)
+        objective = build_objective(cfg.objective, cfg.data.num_classes, cfg.train.global_batch, rank, ws)
+        return cls(cfg, model, ema, optimizer, objective, device, rank, ws)
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.train.global_batch // self.world_size
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.ema if self.cfg.objective.bootstrap_ema else self.model
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """Weights used for samples and FID: explicit in the config and logged (pitfall 25)."""
+        return self.ema if self.cfg.ema.eval_with_ema else self.model
+
+    def autocast(self):
+        """bf16 autocast for unsharded models; FSDP2's mixed-precision policy handles sharded ones."""
+        if resolve_precision(self.cfg.train, self.device) == "bf16" and not is_sharded(self.model):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step_on(self, x1: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step on this rank's slice of the global batch; returns device-side metrics."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+        set_lr(self.optimizer, lr)
+        gen = step_generator(cfg.train.seed, self.step, self.rank, self.device)
+        with self.autocast():
+            out = self.objective.loss(self.model, self.teacher, x1, y, gen)
+        out.loss.backward()
+        # The official recipe does not clip (pitfall 24); the norm is still computed for logging.
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.model, cfg.ema.decay)  # after the optimiser step (§3.2)
+        self.step += 1
+        metrics = dict(out.metrics)
+        metrics["grad_norm"] = _full(grad_norm)
+        metrics["lr"] = torch.tensor(lr)
+        return metrics
+
+    def param_norm(self) -> torch.Tensor:
+        sq = sum(_full(p.detach()).float().pow(2).sum() for p in self.model.parameters())
+        return sq.sqrt()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -1,0 +1,310 @@
+"""Ray Train worker: `train_loop_per_worker` builds the parts, restores, and runs the loop.
+
+The only caller of ray.train.get_context / get_dataset_shard / report (DESIGN §1). A `Runner` owns
+the loop state; periodic actions are `*_every` integers (<= 0 disables) that also run after the
+last step. Every rank calls `ray.train.report` the same number of times (it is a barrier in Train
+V2, RAY_NOTES §1b): once per checkpoint, with the checkpoint directory each rank wrote its DCP shards
+to; Ray merges them into `<storage>/<run>/checkpoint_<step>`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint, data
+from .config import Config
+from .distributed import all_gather_rows, all_reduce_mean
+from .model import flops_per_forward
+from .sampler import fixed_noise, sample
+from .tracking import NullTracker, create_tracker, image_grid
+from .train_step import TrainState
+
+
+def _due(every: int, step: int, last: int) -> bool:
+    """Periodic actions: every `every` steps and after the last one; every <= 0 disables."""
+    return every > 0 and (step == last or step % every == 0)
+
+
+class Runner:
+    def __init__(self, loop_config: dict):
+        import ray.train
+        import ray.train.torch
+
+        self.cfg = Config.from_dict(loop_config["config"])
+        self.run_name: str = loop_config["run_name"]
+        self.checkpoint_root: str = loop_config.get("checkpoint_root", "")
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.state = TrainState.create(self.cfg, self.device)
+        self.epoch = 0
+        meta = self._restore(loop_config.get("resume_from", ""))
+        self.tracker = create_tracker(self.cfg.tracking, self.rank) if self.cfg.tracking.enabled else NullTracker()
+        self._start_tracking(meta.get("mlflow_run_id"))
+        self.checkpoints: list[str] = list(meta.get("checkpoints", []))
+        self.evaluator = None
+        self.reference: list[torch.Tensor] = []  # real images for eval statistics, collected while training
+        if self.cfg.train.eval_every > 0:
+            from .evaluation import Evaluator
+
+            self.evaluator = Evaluator(self.cfg, self.device, self.rank, self.world)
+
+    # -- restore -----------------------------------------------------------------------------------
+    def _restore(self, resume_from: str) -> dict:
+        """Latest checkpoint of this run (worker restart or relaunch), else an explicit warm start."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None and resume_from:
+            from .launch import pyarrow_filesystem
+
+            fs, path = pyarrow_filesystem(resume_from)
+            ckpt = ray.train.Checkpoint(path, filesystem=fs)
+        if ckpt is None:
+            return {}
+        with ckpt.as_directory() as d:
+            meta = checkpoint.load(d, self.state.model, self.state.ema, self.state.optimizer)
+        self.state.step, self.epoch = int(meta["step"]), int(meta.get("epoch", 0))
+        if self.rank == 0:
+            print(f"[shortcut-ray] resumed {self.run_name} at step {self.state.step} from {ckpt.path}", flush=True)
+        if ray.train.get_checkpoint() is None:  # a warm start begins a new MLflow run
+            meta.pop("mlflow_run_id", None)
+            meta.pop("checkpoints", None)
+        return meta
+
+    def _start_tracking(self, run_id: str | None) -> None:
+        cfg = self.cfg
+        tags = {"preset": cfg.preset, "train_type": cfg.objective.train_type, "dataset": cfg.data.source,
+                "model": f"h{cfg.model.hidden_size}-d{cfg.model.depth}-p{cfg.model.patch_size}",
+                "ray_run_name": self.run_name, "world_size": str(self.world)}
+        if cfg.tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id  # shows as a nested child in the UI
+        tags.update(kv.split("=", 1) for kv in cfg.tracking.tags.split(",") if "=" in kv)
+        self.run_id = self.tracker.start(cfg.tracking.run_name or self.run_name, tags, run_id)
+        n_params = sum(p.numel() for p in self.state.model.parameters())  # DTensor numel = global size
+        self.tracker.log_params({**cfg.flat(), "derived.num_params": n_params, "derived.world_size": self.world,
+                                 "derived.sampling_weights": "ema" if cfg.ema.eval_with_ema else "online",
+                                 "derived.bootstrap_levels": self.state.objective.layout.global_levels.tolist()})
+        if run_id:
+            self.tracker.set_tags({"resumed_at_step": str(self.state.step)})
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray.train
+
+        cfg, st = self.cfg, self.state
+        shard = ray.train.get_dataset_shard("train")
+        last = cfg.train.max_steps
+        flops_img = self._flops_per_image()
+        t_log, steps_since, wait = time.perf_counter(), 0, 0.0
+        try:
+            while st.step < last:
+                it = data.batches(shard, st.local_batch, cfg.data, self.device)
+                steps_this_epoch = 0
+                while st.step < last:
+                    t0 = time.perf_counter()
+                    batch = next(it, None)
+                    wait += time.perf_counter() - t0
+                    if batch is None:  # end of the epoch: Ray Data reshuffles files for the next one
+                        self.epoch += 1
+                        break
+                    metrics = st.step_on(*batch)
+                    _maybe_inject_fault(st.step, self.rank)
+                    self._collect_reference(batch[0])
+                    steps_since += 1
+                    steps_this_epoch += 1
+                    step = st.step
+                    if _due(cfg.train.log_every, step, last):
+                        elapsed = time.perf_counter() - t_log
+                        self._log(metrics, step, elapsed, steps_since, wait, flops_img)
+                        t_log, steps_since, wait = time.perf_counter(), 0, 0.0
+                    if _due(cfg.train.sample_every, step, last):
+                        self._sample_grids(step)
+                    report = {"step": step, "epoch": self.epoch}
+                    if _due(cfg.train.eval_every, step, last):
+                        report.update(self._evaluate(step))
+                    if _due(cfg.train.checkpoint_every, step, last):
+                        self._checkpoint(step, metrics, report)
+                    elif len(report) > 2:  # eval results reach Ray (and Tune) even between checkpoints
+                        ray.train.report({**report, "loss": float(metrics["loss"])}, checkpoint=None)
+                if steps_this_epoch == 0 and st.step < last:
+                    raise ValueError(f"the dataset yields no full batch of {st.local_batch} rows per worker; "
+                                     f"lower train.global_batch or use more data")
+            self.tracker.end("FINISHED")
+        except BaseException:
+            self.tracker.end("FAILED")
+            raise
+
+    def _flops_per_image(self) -> float:
+        """Training FLOPs per image: 3x forward for the online pass (fwd + bwd) plus the teacher's
+        two no-grad forwards on the bootstrap rows (x2 again for bootstrap CFG rows), DESIGN §5."""
+        cfg = self.cfg
+        fwd = flops_per_forward(cfg.model, cfg.data.image_size, cfg.data.channels)
+        lay = self.state.objective.layout
+        teacher_rows = 2 * (lay.n_boot + lay.n_cfg)
+        return fwd * (3 + teacher_rows / lay.local_batch)
+
+    def _log(self, metrics, step, elapsed, steps, wait, flops_img) -> None:
+        m = all_reduce_mean(metrics)  # global-batch averages (one collective, at log steps only)
+        host = {f"train/{k}": float(v) for k, v in m.items()}  # the only host sync of the interval
+        ips = steps * self.cfg.train.global_batch / max(elapsed, 1e-9)
+        host.update({"perf/images_per_s": ips, "perf/step_time_s": elapsed / max(steps, 1),
+                     "perf/data_wait_frac": wait / max(elapsed, 1e-9), "perf/tflops": ips * flops_img / 1e12,
+                     "train/epoch": self.epoch, "train/param_norm": float(self.state.param_norm())})
+        if self.device.type == "cuda":
+            host["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            peak = _peak_flops(self.device)
+            if peak:
+                host["perf/mfu"] = ips / self.world * flops_img / peak
+        self.tracker.log_metrics(host, step)
+        if self.rank == 0:
+            print(f"[shortcut-ray] step {step:>7d} loss {host['train/loss']:.4f} flow {host['train/loss_flow']:.4f}"
+                  f" boot {host.get('train/loss_bootstrap', float('nan')):.4f} {ips:8.1f} img/s", flush=True)
+
+    # -- sampling ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _sample_grids(self, step: int) -> None:
+        """PNG grids at every N of eval.sample_steps from the same fixed noise; ranks split the rows."""
+        cfg = self.cfg
+        n = cfg.eval.grid_size ** 2
+        noise = fixed_noise((n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), cfg.eval.seed)
+        if cfg.objective.class_conditional:
+            y = (torch.arange(n) // cfg.eval.grid_size) % cfg.data.num_classes  # one class per grid row
+        else:
+            y = torch.full((n,), cfg.data.num_classes)
+        mine = torch.tensor_split(torch.arange(n), self.world)[self.rank]
+        model = self.state.sampling_model
+        rows = []
+        for steps in cfg.eval.sample_steps:
+            with self.state.autocast():
+                x = sample(model, noise[mine].to(self.device), y[mine].to(self.device), steps,
+                           cfg.eval.cfg_scale, cfg.data.num_classes, cfg.objective.denoise_timesteps)
+            x = all_gather_rows(x.float().contiguous())
+            if self.rank == 0:
+                images = self._to_images(x)
+                self.tracker.log_image(image_grid(images, cfg.eval.grid_size),
+                                       f"samples/step_{step:07d}/N{steps:03d}.png")
+                rows.append(images[: cfg.eval.grid_size])
+        if self.rank == 0:  # one strip per N, same noise: compare step counts at a glance
+            self.tracker.log_image(image_grid(np.concatenate(rows), cfg.eval.grid_size),
+                                   f"samples/step_{step:07d}/all_N.png")
+
+    def _to_images(self, x: torch.Tensor) -> np.ndarray:
+        """Model outputs -> images in [-1, 1] (pixels as they are; latents are decoded by latents.py)."""
+        if self.cfg.data.kind == "latents":
+            from .latents import decode_for_display
+
+            return decode_for_display(x, self.cfg.data)
+        return x.cpu().numpy()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    # -- evaluation ------------------------------------------------------------------------------------
+    def _collect_reference(self, x: torch.Tensor) -> None:
+        if self.evaluator is not None and sum(r.shape[0] for r in self.reference) < self.evaluator.samples_per_rank:
+            self.reference.append(x.detach().float().cpu())
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """FD / FID at every N of eval.fid_steps (all ranks sample; rank 0 logs). Returns eval/* metrics."""
+        ev = self.evaluator
+        if ev.ref_pixel is None or ev.num_reference < ev.samples_per_rank * self.world:
+            ev.set_reference(torch.cat(self.reference)[: ev.samples_per_rank])
+        metrics, details = ev.run(self.state.sampling_model, self.state.autocast, batch_size=self.state.local_batch * 4)
+        metrics = {f"eval/{k}": v for k, v in metrics.items()}
+        self.tracker.log_metrics(metrics, step)
+        self.tracker.log_dict({"step": step, **details}, f"eval/step_{step:07d}.json")
+        if self.rank == 0:
+            print(f"[shortcut-ray] eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
+                  flush=True)
+        return metrics
+
+    def _checkpoint(self, step: int, metrics: dict, report: dict) -> None:
+        import ray.train
+
+        name = f"checkpoint_{step:07d}"
+        uri = f"{self.checkpoint_root.rstrip('/')}/{name}" if self.checkpoint_root else name
+        self.checkpoints = (self.checkpoints + [uri])[-50:]
+        tmp = tempfile.mkdtemp(prefix="shortcut-ckpt-")
+        try:
+            checkpoint.save(tmp, self.state.model, self.state.ema, self.state.optimizer, step, self.cfg,
+                            extra={"epoch": self.epoch, "mlflow_run_id": self.run_id, "run_name": self.run_name,
+                                   "checkpoints": self.checkpoints}, rank=self.rank)
+            ray.train.report({**report, "loss": float(metrics["loss"])},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.tracker.set_tags({"checkpoint.latest": uri, "checkpoint.step": str(step)})
+        self.tracker.log_dict({"checkpoints": self.checkpoints}, "checkpoints.json")
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Fault-tolerance drill: if $SHORTCUT_RAY_FAULT_FILE names a file holding "STEP RANK", that rank
+    dies at that step once (the file is removed first), so Ray must restart from the last checkpoint."""
+    path = os.environ.get("SHORTCUT_RAY_FAULT_FILE")
+    if not path or not os.path.exists(path):
+        return
+    try:
+        at_step, at_rank = (int(v) for v in open(path).read().split())
+    except (OSError, ValueError):
+        return
+    if (step, rank) == (at_step, at_rank):
+        os.remove(path)
+        raise RuntimeError(f"injected fault at step {step} on rank {rank} ($SHORTCUT_RAY_FAULT_FILE)")
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs for MFU (datasheet numbers; None when unknown)."""
+    name = torch.cuda.get_device_name(device)
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point (see launch.build_trainer)."""
+    if os.environ.get("SHORTCUT_RAY_THREADS"):
+        torch.set_num_threads(int(os.environ["SHORTCUT_RAY_THREADS"]))
+    Runner(loop_config).run()
+
+
+def evaluate_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point of jobs.evaluate: FID/FD of a checkpoint with every worker sampling."""
+    import ray.train
+    import ray.train.torch
+
+    from .evaluation import Evaluator
+
+    cfg = Config.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    state = TrainState.create(cfg, device)
+    from .launch import pyarrow_filesystem
+
+    fs, path = pyarrow_filesystem(loop_config["checkpoint"])
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+        meta = checkpoint.load(d, state.model, state.ema, state.optimizer)
+    ev = Evaluator(cfg, device, rank, world)
+    real, seen = [], 0
+    for x, _ in data.batches(ray.train.get_dataset_shard("train"), state.local_batch, cfg.data, device):
+        real.append(x.float().cpu())
+        seen += x.shape[0]
+        if seen >= ev.samples_per_rank:
+            break
+    ev.set_reference(torch.cat(real)[: ev.samples_per_rank])
+    metrics, details = ev.run(state.sampling_model, state.autocast, batch_size=state.local_batch * 4)
+    step = int(meta["step"])
+    if rank == 0 and cfg.tracking.enabled:
+        tracker = create_tracker(cfg.tracking, rank)
+        tracker.start(f"{meta.get('run_name', 'eval')}-eval", {"kind": "evaluate"}, meta.get("mlflow_run_id"))
+        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+        tracker.log_dict({"step": step, "checkpoint": loop_config["checkpoint"], **details},
+                         f"eval/final_step_{step:07d}.json")
+        tracker.end("FINISHED")
+    ray.train.report({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}, "details": details})
