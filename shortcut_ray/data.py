@@ -161,14 +161,15 @@ def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[s
 
     rows_iter_or_arrays: a mapping {column: sequence} or an iterable of row dicts, with the columns of
     the shard format (module docstring). meta must give kind, image_size, channels, num_classes
-    (latents: latent_shape); optional classes, skipped, skipped_files and any provenance keys.
+    (latents: latent_shape); optional classes, skipped, skipped_files and any provenance keys. meta is
+    read again after the rows are consumed, so a generator may count skipped rows into it as it goes.
     An old manifest is removed first and the new one written last, so a crash mid-write leaves a
     directory that readers refuse rather than a mix of old and new shards.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    meta = dict(meta)
+    meta_in, meta = meta, dict(meta)
     for key in ("kind", "image_size", "channels", "num_classes"):
         if key not in meta:
             raise ValueError(f"write_shards meta needs {key!r}; got keys {sorted(meta)}")
@@ -220,6 +221,7 @@ def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[s
         if stale.rsplit("/", 1)[-1] not in keep:
             fs.rm(stale)
 
+    meta = dict(meta_in)  # re-read: a rows generator may have filled in skipped / skipped_files
     if kind == "latents":
         c, h, w = (int(v) for v in meta["latent_shape"])
         if (meta["channels"], meta["image_size"]) != (c, h) or h != w:
@@ -315,17 +317,22 @@ def digits_dataset(image_size: int = 16, cache_dir: str | None = None) -> str:
     uri = _join(cache_root(cache_dir), f"digits-{image_size}")
     if _exists(uri):
         return uri
+    write_digits(uri, image_size)
+    return uri
+
+
+def write_digits(uri: str, image_size: int = 16) -> dict:
+    """Write the digits shards to `uri` (any fsspec URI); returns the manifest."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     imgs = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (N, 8, 8)
     rows = {"image": [png_bytes(fit_square(im, image_size)) for im in imgs],
             "label": d.target.astype(np.int64)}
-    write_shards(rows, uri, shard_size=math.ceil(len(imgs) / 4), meta={
+    return write_shards(rows, uri, shard_size=math.ceil(len(imgs) / 4), meta={
         "kind": "pixels", "image_size": image_size, "channels": 1, "num_classes": 10,
         "source": "sklearn.datasets.load_digits (8x8, 0..16 scaled to 0..255, bilinear upsample)",
         "source_image_size": 8})
-    return uri
 
 
 def read_idx(path_or_uri: str) -> np.ndarray:
@@ -416,6 +423,10 @@ def check_matches(info: Mapping[str, Any], data_cfg: DataConfig, uri: str) -> No
                 + (" (and a model.patch_size dividing it)" if key == "image_size" else "")
                 + (f", or rewrite the data with jobs.prepare_data --image-size {want}"
                    if key == "image_size" and data_cfg.source == "parquet" else ""))
+    scale = info.get("latent_scale")  # the VAE's own scaling_factor (SD: 0.18215, SDXL: 0.13025)
+    if info["kind"] == "latents" and scale and not math.isclose(scale, data_cfg.latent_scale, rel_tol=1e-4):
+        raise ConfigError(f"dataset {uri} was encoded by {info.get('vae')} whose latent scale is {scale}, "
+                          f"but data.latent_scale={data_cfg.latent_scale}; use `--set data.latent_scale={scale}`")
 
 
 def resolve_dataset(data_cfg: DataConfig) -> str:
@@ -494,8 +505,8 @@ def build_dataset(data_cfg: DataConfig, uri: str, seed: int):
         columns = ["mean", "logvar"] + (["mean_flip", "logvar_flip"] if info["has_flip"] else [])
     if info.get("class_counts") is not None:
         columns.append("label")
-    ds = ray.data.read_parquet(paths, filesystem=read_fs, columns=columns,
-                               shuffle=ray.data.FileShuffleConfig(seed=seed))
+    ds = ray.data.read_parquet(paths, filesystem=read_fs, shuffle=ray.data.FileShuffleConfig(seed=seed))
+    ds = ds.select_columns(columns)  # pushed down into the read (`columns=` is deprecated in 2.60)
     # ~32 MB of float32 output per decode task keeps object-store blocks moderate at 256 px RGB.
     per_row = 4 * data_cfg.channels * data_cfg.image_size ** 2
     rows = max(16, min(1024, (32 << 20) // per_row))

@@ -47,8 +47,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(num_cpus=num_cpus)
+    else:  # "local": a fresh cluster, never a stale /tmp/ray/ray_current_cluster (RAY_NOTES §1 misc)
+        ray.init(address="local", num_cpus=num_cpus)
 
 
 def resolve_runtime(cfg: Config) -> Config:

@@ -68,7 +68,10 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_size: int, channels: int
             else:
                 if "bytes" in batch:
                     raw = batch["bytes"][i]
-                    raw = raw["bytes"] if isinstance(raw, dict) else raw
+                    if isinstance(raw, dict):  # Hugging Face Image feature: {"bytes", "path"}
+                        if raw.get("path"):
+                            paths[i] = path = f"{path}::{raw['path']}"
+                        raw = raw["bytes"]
                 else:
                     raw = fs.cat_file(path)
                 if not raw:
@@ -82,7 +85,9 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_size: int, channels: int
         except Exception as e:  # noqa: BLE001 -- any decode failure is reported per file
             out_img.append(b"")
             out_lab.append(-1)
-            out_err.append(f"{type(e).__name__}: {e}")
+            why = "not a readable image (unknown format or corrupt header)" \
+                if type(e).__name__ == "UnidentifiedImageError" else str(e)
+            out_err.append(f"{type(e).__name__}: {why}")
     return {"image": np.array(out_img, dtype=object), "label": np.array(out_lab, np.int64),
             "path": np.array(paths, dtype=object), "error": np.array(out_err, dtype=object)}
 
