@@ -11,7 +11,7 @@ fi
 # torch first and pinned: on the project's CI machines 2.13.0 is the CPU build on local disk; elsewhere
 # pip takes it from PyPI (a CUDA build on Linux). Set TORCH_SPEC to use another build.
 .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,latents]"
 # The GCS emulator lives in its own venv: its pinned dependencies clash with mlflow's (RAY_NOTES §2).
 if [ ! -x .venv-gcs/bin/gcp-storage-emulator ]; then
   "$PY" -m venv .venv-gcs

@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, required=True, help="side of the square output images")
     p.add_argument("--format", default="auto", choices=("auto", "idx", "imagefolder", "parquet", "digits"),
                    help="digits: scikit-learn's bundled digits (--input is ignored; use --input sklearn)")
+    p.add_argument("--vae", default="", help="also encode the prepared images to a latent dataset with this VAE "
+                                              "(e.g. stabilityai/sd-vae-ft-mse or a local folder) at --latent-output")
+    p.add_argument("--latent-output", default="", help="where the latent shards go (with --vae)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="1 (grayscale) or 3 (RGB); default 1 for IDX, 3 otherwise")
     p.add_argument("--shard-size", type=int, default=5000, help="images per Parquet shard")
@@ -81,6 +84,18 @@ def main(argv=None) -> int:
     print(f"{args.output}: {manifest['count']} images, {manifest['num_classes']} classes, "
           f"{args.image_size}px x {manifest['channels']}ch, {len(manifest['shards'])} shards, "
           f"{manifest['skipped']} skipped")
+    if args.vae:  # ALGORITHM §3.4: posterior (mean, logvar) of each image and its flip, fp16
+        from shortcut_ray.latents import encode_dataset
+
+        if not args.latent_output:
+            print("prepare_data: error: --vae needs --latent-output URI", file=sys.stderr)
+            return 2
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=args.num_cpus)
+        try:
+            lat = encode_dataset(args.output, args.latent_output, args.vae, shard_size=args.shard_size)
+        finally:
+            ray.shutdown()
+        print(f"{args.latent_output}: {lat['count']} latents {lat.get('latent_shape')} (VAE {args.vae})")
     return 0
 
 

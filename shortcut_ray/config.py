@@ -159,6 +159,8 @@ class DataConfig:
     """'pixels' (images in [-1, 1]) or 'latents' (VAE posterior mean/logvar, sampled each step)."""
     latent_scale: float = 0.18215
     """Multiplier applied to sampled latents (SD-VAE, ALGORITHM §3.4)."""
+    vae: str = "stabilityai/sd-vae-ft-mse"
+    """VAE that encoded a latent dataset (hub name, local path or fsspec URI); decodes grids and FID samples."""
     random_flip: bool = True
     """Random horizontal flip in the input pipeline (pixels only; latents store a flipped copy)."""
     shuffle_buffer: int = 2048

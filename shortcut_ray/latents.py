@@ -15,6 +15,7 @@ Needs the optional extra: pip install 'shortcut-ray[latents]' (diffusers, safete
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -125,3 +126,16 @@ def encode_dataset(pixel_uri: str, out_uri: str, vae_name: str = SD_VAE, batch_s
         "classes": info["classes"], "latent_shape": shape, "vae": vae_name,
         "latent_scale": float(cfg.get("scaling_factor") or 0.18215),
         "source": pixel_uri, "source_image_size": info["image_size"]})
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_vae(name_or_path: str, device: str):
+    return load_vae(name_or_path, device=device)
+
+
+def decode_for_display(z: torch.Tensor, data_cfg) -> np.ndarray:
+    """Model outputs (scaled latents) -> images in [-1, 1] as (B, 3, H*8, W*8) numpy, for grids and FID."""
+    vae = _cached_vae(data_cfg.vae, str(z.device))
+    with torch.no_grad():
+        out = torch.cat([decode(vae, z[i:i + 32].float(), data_cfg.latent_scale) for i in range(0, z.shape[0], 32)])
+    return out.clamp(-1, 1).cpu().numpy()

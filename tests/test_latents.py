@@ -75,3 +75,12 @@ def test_encode_dataset_through_ray_and_train_pipeline(vae_dir, tmp_path):
         assert sorted(int(v) for _, y in got for v in y) == [0] * 6 + [1] * 6
     finally:
         ray.shutdown()
+
+
+def test_decode_for_display_uses_the_configured_vae(vae_dir):
+    cfg = DataConfig(source="parquet", uri="unused", kind="latents", image_size=8, channels=4, vae=vae_dir)
+    z = torch.randn(3, 4, 8, 8)
+    images = latents.decode_for_display(z, cfg)
+    assert images.shape == (3, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    ref = latents.decode(latents.load_vae(vae_dir), z, cfg.latent_scale).numpy()
+    np.testing.assert_allclose(images, ref, atol=1e-5)
