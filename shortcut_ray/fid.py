@@ -3,7 +3,7 @@
 Implements the evaluation protocol of ALGORITHM.md §5 (pitfall 19 in §8 lists what it guards
 against): generated images in [-1, 1] are resized to 299x299 with bilinear interpolation and no
 antialias, clipped to [-1, 1], fed to the FID InceptionV3 (TF 2015-12-05 weights), and the 2048-d
-pool3 features are summarised by (mu, unbiased covariance). Engine layer: torch, numpy, scipy,
+pool3 features are summarised by (mu, unbiased covariance). Engine layer: torch, numpy,
 fsspec and torch.distributed only; never ray or mlflow (DESIGN §1).
 
     extractor = load_inception("/path/to/fid_inception_v3.pt", device="cuda")
@@ -17,16 +17,17 @@ import hashlib
 import io
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-import scipy.linalg
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .distributed import all_gather_rows
 
 FID_SIZE = 299
 FEATURE_DIM = 2048
@@ -53,14 +54,13 @@ _HOW_TO_FIX = (f"pass the FID Inception weights explicitly: `--set eval.fid_weig
 def preprocess_for_inception(images: torch.Tensor,
                              input_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """(B, 1|3, H, W) in [-1, 1] -> (B, 3, 299, 299) in `input_range`, as in ALGORITHM §5."""
-    x = images.float()
-    if x.shape[1] == 1:  # grayscale (Fashion-MNIST): the network wants RGB
-        x = x.expand(-1, 3, -1, -1)
     # §5 order, as in the official code: resize first, then clip. Bilinear with
     # align_corners=False is JAX's half-pixel bilinear; antialias off (pitfall 19).
-    x = F.interpolate(x, size=(FID_SIZE, FID_SIZE), mode="bilinear", align_corners=False,
-                      antialias=False)  # (B, 3, 299, 299)
+    x = F.interpolate(images.float(), size=(FID_SIZE, FID_SIZE), mode="bilinear",
+                      align_corners=False, antialias=False)  # (B, C, 299, 299)
     x = x.clamp(-1.0, 1.0)
+    if x.shape[1] == 1:  # grayscale (Fashion-MNIST): the network wants RGB; per-channel ops commute
+        x = x.expand(-1, 3, -1, -1)
     lo, hi = input_range
     if (lo, hi) != (-1.0, 1.0):
         x = lo + (x + 1.0) * (0.5 * (hi - lo))
@@ -175,7 +175,9 @@ def _is_torchscript(path: str) -> bool:
 
 def _load_torchscript(path: str) -> nn.Module:
     # .float(): the fp16 copy (weights/SOURCE.md) must run in float32, and CPU has no fast fp16 conv.
-    return torch.jit.load(path, map_location="cpu").float().eval()
+    with warnings.catch_warnings():  # torch 2.13 deprecates torch.jit; the weights ship as TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(path, map_location="cpu").float().eval()
 
 
 def _build_pytorch_fid(state_dict: dict | None) -> nn.Module:
@@ -304,12 +306,20 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"shape mismatch: mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 {mu2.shape}, "
                          f"sigma2 {s2.shape}; were both stats computed with the same network?")
     eye = offset * np.eye(d)
-    covmean = np.real(scipy.linalg.sqrtm((s1 + eye) @ (s2 + eye)))
-    if not np.all(np.isfinite(covmean)):
-        raise FloatingPointError("sqrtm of the covariance product is not finite; check the "
-                                 "features for NaN/inf (too few samples or a broken network)")
+    a, b = s1 + eye, s2 + eye
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise FloatingPointError("covariances are not finite; check the features for NaN/inf "
+                                 "(too few samples or a broken network)")
+    # Only tr sqrtm(A B) is needed. A B is similar to the PSD matrix A^1/2 B A^1/2, so the trace is the
+    # sum of the square roots of that symmetric matrix's eigenvalues: two eigh calls instead of
+    # scipy's Schur-based sqrtm, the same value (tests compare with scipy) and ~10x faster at d = 2048,
+    # which matters for FID every eval_every steps.
+    w, v = np.linalg.eigh(a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root_a @ b @ root_a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,23 +327,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 # ----------------------------------------------------------------------------------------------
 
 def gather_features(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate (B_i, D) features from every rank in rank order; identity without a process group.
-
-    Ranks may hold different B_i (the last eval batch): all-gather the sizes, pad to the largest,
-    all-gather, then trim. With NCCL the tensor must be on this rank's GPU.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    world = dist.get_world_size()
-    size = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = local.new_zeros((max(counts), *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[:c] for o, c in zip(out, counts)])
+    """Concatenate (B_i, D) features from every rank in rank order (B_i may differ); identity alone.
+    With NCCL the tensor must be on this rank's GPU."""
+    return all_gather_rows(local)
 
 
 def stats_from_batches(extractor: FIDFeatureExtractor, batches: Iterable,
@@ -351,10 +347,12 @@ def stats_from_batches(extractor: FIDFeatureExtractor, batches: Iterable,
             images = images[: max_images - seen]
         feats.append(extractor(images))
         seen += images.shape[0]
-    if not feats:
-        raise ValueError("no images: the batch iterable was empty (or max_images <= 0)")
-    local = torch.cat(feats)
+    # A rank with no images still joins the gather (with zero rows) so that the others do not hang.
+    local = torch.cat(feats) if feats else torch.zeros((0, FEATURE_DIM), device=extractor.device)
     all_feats = gather_features(local) if gather else local
+    if all_feats.shape[0] < 2:
+        raise ValueError(f"{all_feats.shape[0]} images: need at least 2 for a covariance (the batch "
+                         "iterable was empty or max_images too small)")
     return FeatureStats.from_features(all_feats.double().cpu().numpy())
 
 
