@@ -60,8 +60,11 @@ def main(argv=None) -> int:
     if result.error:
         print(f"[shortcut-ray] evaluation failed: {result.error}", file=sys.stderr)
         return 1
-    m = result.metrics
-    print(f"[shortcut-ray] {args.checkpoint} (step {m['step']}):")
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, "eval.json")) as f:
+            m = json.load(f)
+    print(f"[shortcut-ray] {args.checkpoint} (step {m['step']}, {m['details']['samples']} samples, "
+          f"{m['details']['weights']} weights):")
     for k in sorted(k for k in m if k.startswith("eval/")):
         print(f"  {k:<22} {m[k]:.3f}")
     return 0

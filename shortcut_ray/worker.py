@@ -9,6 +9,7 @@ to; Ray merges them into `<storage>/<run>/checkpoint_<step>`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -307,4 +308,15 @@ def evaluate_loop_per_worker(loop_config: dict) -> None:
         tracker.log_dict({"step": step, "checkpoint": loop_config["checkpoint"], **details},
                          f"eval/final_step_{step:07d}.json")
         tracker.end("FINISHED")
-    ray.train.report({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}, "details": details})
+    # Train V2 keeps only checkpointed reports in the Result: rank 0 returns the numbers as a tiny
+    # checkpoint (eval.json), which also leaves them beside the eval run in storage.
+    result = {"step": step, "checkpoint": loop_config["checkpoint"],
+              **{f"eval/{k}": v for k, v in metrics.items()}, "details": details}
+    tmp = tempfile.mkdtemp(prefix="shortcut-eval-")
+    try:
+        if rank == 0:
+            with open(os.path.join(tmp, "eval.json"), "w") as f:
+                json.dump(result, f, indent=2)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
