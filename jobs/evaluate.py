@@ -1,4 +1,4 @@
-"""FID (and the pixel-space FD proxy) of a checkpoint at each requested step count, logged to MLflow.
+r"""FID (and the pixel-space FD proxy) of a checkpoint at each requested step count, logged to MLflow.
 
     python -m jobs.evaluate runs/RUN/checkpoint_0001500 --steps 1,4,128 --samples 2048
     python -m jobs.evaluate gs://BUCKET/runs/RUN/checkpoint_0100000 --samples 50000 \

@@ -1,4 +1,4 @@
-"""Reference FID statistics (mu, sigma of InceptionV3 pool features) of a dataset, cached by dataset,
+r"""Reference FID statistics (mu, sigma of InceptionV3 pool features) of a dataset, cached by dataset,
 resolution and weights.
 
     python -m jobs.fid_stats --preset fashion_mnist_dit_s --fid-weights /path/fid_inception_v3.pt

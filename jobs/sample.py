@@ -1,4 +1,4 @@
-"""Sample images from a checkpoint at any step count and guidance scale.
+r"""Sample images from a checkpoint at any step count and guidance scale.
 
     python -m jobs.sample runs/digits-shortcut-.../checkpoint_0001500 --steps 1,4,128 --out samples/
     python -m jobs.sample gs://BUCKET/runs/RUN/checkpoint_0020000 --steps 1 --n 64 --cfg-scale 1.5 --labels 3

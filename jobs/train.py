@@ -1,4 +1,4 @@
-"""Train a shortcut model on Ray.
+r"""Train a shortcut model on Ray.
 
     python -m jobs.train --preset digits                       # embedded default, local Ray + MLflow
     python -m jobs.train --preset debug_cpu --set train.max_steps=50 --set optim.lr=3e-4
