@@ -21,9 +21,10 @@ STEPS = ("1", "2", "4", "8", "128")
 
 
 @pytest.fixture
-def two_threads():
+def one_thread():
+    # one thread: tiny matmuls gain nothing from more, and OpenMP spin-waits are very slow on a busy shared CPU
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
 
@@ -58,12 +59,12 @@ def test_metrics_on_data_and_noise():
 
 
 @pytest.mark.parametrize("train_type", ["shortcut", "flow_matching"])
-def test_short_training_run(train_type, two_threads):
-    steps = 300
+def test_short_training_run(train_type, one_thread):
+    steps = 200
     model, hist = toy2d.train(train_type, steps=steps, ema_decay=0.95, seed=0, batch=64, width=64)
     loss = hist["loss"]
     assert len(loss) == steps and all(math.isfinite(v) for v in loss)
-    assert sum(loss[-50:]) / 50 < 0.9 * sum(loss[:50]) / 50
+    assert sum(loss[-40:]) / 40 < 0.9 * sum(loss[:40]) / 40
     if train_type == "shortcut":
         assert len(hist["loss_bootstrap"]) == steps and all(math.isfinite(v) for v in hist["loss_bootstrap"])
     else:
