@@ -196,10 +196,11 @@ class FlowMatchingObjective:
                 # Per-level losses over the GLOBAL layout: every rank emits every level (zero where it
                 # holds none), scaled so that the mean over ranks is the global per-level mean.
                 glob = self.layout.global_levels
-                for level in torch.unique(glob).tolist():  # host-known layout: masks without a sync
-                    mask = (rows.k[:nb] == level).float()
-                    share = self.world / int((glob == level).sum())
-                    m[f"loss_bootstrap_k{level}"] = (boot * mask).sum() * share
+                counts = torch.bincount(glob, minlength=self.L)  # host-known layout: no sync
+                sums = boot.new_zeros(self.L).index_add_(0, rows.k[:nb], boot)  # one kernel for all levels
+                per_level = sums * (self.world / counts.clamp(min=1).to(sums.device))
+                for level in torch.nonzero(counts).flatten().tolist():
+                    m[f"loss_bootstrap_k{level}"] = per_level[level]
             m.update(rows.diagnostics)
         return ObjectiveOutput(loss, m)
 
