@@ -135,6 +135,13 @@ class FlowMatchingObjective:
         empty = torch.zeros(0, dtype=torch.long)
         return Layout(local_batch=local_batch, k_boot=empty, n_cfg=0, global_levels=empty)
 
+    def _k_boot(self, device: torch.device) -> torch.Tensor:
+        """The layout's levels on `device`, copied once (a per-step host-to-device copy would sync)."""
+        cached = getattr(self, "_k_boot_dev", None)
+        if cached is None or cached.device != torch.device(device):
+            cached = self._k_boot_dev = self.layout.k_boot.to(device)
+        return cached
+
     # -- randomness ----------------------------------------------------------------------------
     def draw(self, x1: torch.Tensor, generator: torch.Generator) -> Draws:
         lay, dev, shape = self.layout, x1.device, x1.shape[1:]
@@ -143,7 +150,7 @@ class FlowMatchingObjective:
         perm = torch.randperm(lay.local_batch, generator=generator, device=dev)
         x0_boot = torch.randn((lay.n_boot, *shape), generator=generator, device=dev)
         u = torch.rand(lay.n_boot, generator=generator, device=dev)
-        span = (2 ** lay.k_boot.to(dev)).float()
+        span = (2 ** self._k_boot(dev)).float()
         t_boot = torch.floor(u * span) / span  # j / 2^k, j uniform in {0..2^k-1} (§2.3)
         x0_flow = torch.randn((lay.n_flow, *shape), generator=generator, device=dev)
         j = torch.randint(0, self.M, (lay.n_flow,), generator=generator, device=dev)
@@ -189,7 +196,7 @@ class FlowMatchingObjective:
         nb = rows.n_boot
         with torch.no_grad():
             m = {"loss": loss.detach(), "loss_flow": per_row[nb:].mean(), "rms_pred": _rms(pred),
-                 "rms_target_flow": _rms(rows.target[nb:]), "bootstrap_ratio": loss.new_tensor(nb / per_row.numel())}
+                 "rms_target_flow": _rms(rows.target[nb:]), "bootstrap_ratio": torch.full((), nb / per_row.numel(), device=loss.device)}
             if nb:
                 boot = per_row[:nb]
                 m["loss_bootstrap"] = boot.mean()
@@ -238,7 +245,7 @@ class ShortcutObjective(FlowMatchingObjective):
     def _bootstrap_rows(self, x1, y, draws, online, teacher, diag):
         """Two clipped half-steps of the teacher at level k+1 give the target of level k (§2.5)."""
         eps, clip = self.cfg.eps, self.cfg.clip_bootstrap
-        k = self.layout.k_boot.to(x1.device)
+        k = self._k_boot(x1.device)
         d = torch.pow(2.0, -k.float())  # (n_boot,) step size of the row's own level
         half = (d / 2).view(-1, 1, 1, 1)
         t = draws.t_boot

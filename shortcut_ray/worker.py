@@ -22,6 +22,7 @@ from . import checkpoint, data
 from .config import Config
 from .distributed import all_gather_rows, all_reduce_mean
 from .model import flops_per_forward
+from .optim import lr_at
 from .sampler import fixed_noise, sample
 from .tracking import NullTracker, create_tracker, image_grid
 from .train_step import TrainState
@@ -124,8 +125,7 @@ class Runner:
                     steps_this_epoch += 1
                     step = st.step
                     if _due(cfg.train.log_every, step, last):
-                        elapsed = time.perf_counter() - t_log
-                        self._log(metrics, step, elapsed, steps_since, wait, flops_img)
+                        self._log(metrics, step, t_log, steps_since, wait, flops_img)
                         t_log, steps_since, wait = time.perf_counter(), 0, 0.0
                     if _due(cfg.train.sample_every, step, last):
                         self._sample_grids(step)
@@ -153,9 +153,11 @@ class Runner:
         teacher_rows = 2 * (lay.n_boot + lay.n_cfg)
         return fwd * (3 + teacher_rows / lay.local_batch)
 
-    def _log(self, metrics, step, elapsed, steps, wait, flops_img) -> None:
+    def _log(self, metrics, step, t_log, steps, wait, flops_img) -> None:
         m = all_reduce_mean(metrics)  # global-batch averages (one collective, at log steps only)
         host = {f"train/{k}": float(v) for k, v in m.items()}  # the only host sync of the interval
+        elapsed = time.perf_counter() - t_log  # after the sync: on GPU the queued work is included
+        host["train/lr"] = lr_at(step - 1, self.cfg.optim, self.cfg.train.max_steps)
         ips = steps * self.cfg.train.global_batch / max(elapsed, 1e-9)
         host.update({"perf/images_per_s": ips, "perf/step_time_s": elapsed / max(steps, 1),
                      "perf/data_wait_frac": wait / max(elapsed, 1e-9), "perf/tflops": ips * flops_img / 1e12,

@@ -1,0 +1,267 @@
+"""Step time of the Ray Train + Ray Data path against a plain single-process PyTorch loop.
+
+    python bench/ray_overhead.py --threads 1 --sequence a,b1,a,b1,a        # CPU here: ~10-14 min (load-bound)
+    python bench/ray_overhead.py --threads 1 --sequence a,b1,b2,a          # with 2 FSDP2 workers (gloo)
+    python bench/ray_overhead.py --device cuda --steps 300 --log-every 20 --threads 4   # on a GPU node
+
+Same config (default preset `digits`: DiT-M/2 on 16x16 digits, global batch 64, shortcut), same torch
+thread count, same step count, measured the same way (per log interval of --log-every steps:
+elapsed / steps, with the host sync of the logged loss inside the interval):
+  a   plain loop in this process: `TrainState.create` + batches sliced from an in-memory tensor of the
+      decoded digits shards (new permutation every epoch), `state.step_on`, nothing else;
+  bN  the real path: `launch.build_trainer(cfg).fit()` with N Ray Train workers (FSDP2 over gloo when
+      N > 1) reading the same shards through Ray Data; the worker logs perf/step_time_s,
+      perf/data_wait_frac per interval to MLflow (a throwaway sqlite store in a temp dir), read back here;
+      also the wall-clock step time from the timestamps of the logged metrics (includes the logging
+      itself and everything else between intervals).
+The runs follow --sequence (default a,b1,a: the plain loop before and after shows drift of the shared
+machine). The first --skip-intervals intervals of every run are dropped (start-up: first epoch,
+allocator warm-up). ratio = median Ray interval step time / median plain interval step time; goal
+<= 1.10. Sample grids, FID and checkpoints are off in both (train.*_every = 0).
+Writes bench/results/ray_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, resolve_device, set_threads, write_result  # noqa: E402
+
+from shortcut_ray import data  # noqa: E402
+from shortcut_ray.config import apply_overrides  # noqa: E402
+from shortcut_ray.presets import PRESETS, get_preset  # noqa: E402
+from shortcut_ray.train_step import TrainState  # noqa: E402
+
+EXPERIMENT = "bench-ray-overhead"
+
+
+def load_tensors(cfg, uri: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows of the shards, decoded once with the pipeline's own `decode_batch`: (N, C, H, W), (N,)."""
+    import pyarrow.parquet as pq
+
+    fs, root = data.filesystem(uri)
+    info = data.dataset_info(uri)
+    xs, ys = [], []
+    for s in info["shards"]:
+        with fs.open(f"{root}/{s['file']}", "rb") as f:
+            table = pq.read_table(f).to_pydict()
+        out = data.decode_batch({"image": table["image"], "label": np.asarray(table["label"])}, kind=cfg.data.kind,
+                                channels=cfg.data.channels, image_size=cfg.data.image_size, random_flip=False,
+                                latent_scale=cfg.data.latent_scale, latent_shape=info.get("latent_shape"))
+        xs.append(torch.from_numpy(out["image"]))
+        ys.append(torch.from_numpy(out["label"]))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def plain_loop(cfg, x_all: torch.Tensor, y_all: torch.Tensor, device: torch.device) -> dict:
+    """(a): the step loop with nothing around it; per-interval step times as the worker measures them."""
+    t_all = time.perf_counter()
+    state = TrainState.create(cfg, device)
+    x_all, y_all = x_all.to(device), y_all.to(device)
+    b, n, last, every = cfg.train.global_batch, len(x_all), cfg.train.max_steps, cfg.train.log_every
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    intervals, t_log, since = [], time.perf_counter(), 0
+    t_start = t_log
+    while state.step < last:
+        perm = torch.randperm(n, generator=g).to(device)
+        for i in range(n // b):  # drop_last, as data.batches
+            if state.step >= last:
+                break
+            idx = perm[i * b:(i + 1) * b]
+            metrics = state.step_on(x_all[idx], y_all[idx])
+            since += 1
+            if state.step % every == 0 or state.step == last:
+                float(metrics["loss"])  # the host sync of the worker's _log
+                now = time.perf_counter()
+                intervals.append({"step": state.step, "step_time_s": (now - t_log) / since})
+                t_log, since = now, 0
+    return {"intervals": intervals, "train_s": time.perf_counter() - t_start, "total_s": time.perf_counter() - t_all}
+
+
+def ray_run(cfg, workers: int, tmp: str, name: str) -> dict:
+    """(bN): the real Ray Train + Ray Data path; per-interval metrics read back from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from shortcut_ray.launch import build_trainer, resolve_runtime
+
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    run_cfg = resolve_runtime(apply_overrides(cfg, [
+        f"train.num_workers={workers}", f"train.storage_path={tmp}/runs", f"train.run_name={name}",
+        f"tracking.tracking_uri={uri}", f"tracking.experiment={EXPERIMENT}", f"tracking.run_name={name}"]))
+    t0 = time.perf_counter()
+    result = build_trainer(run_cfg).fit()
+    total = time.perf_counter() - t0
+    if result.error is not None:
+        raise RuntimeError(f"Ray run {name} failed: {result.error}")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    hist = {k: sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)
+            for k in ("perf/step_time_s", "perf/data_wait_frac", "perf/images_per_s", "train/loss")}
+    loss = hist["train/loss"]
+    wall = {m2.step: (m2.timestamp - m1.timestamp) / 1000 / (m2.step - m1.step) for m1, m2 in zip(loss, loss[1:])}
+    wait = {m.step: m.value for m in hist["perf/data_wait_frac"]}
+    intervals = [{"step": m.step, "step_time_s": m.value, "data_wait_frac": wait.get(m.step),
+                  "wall_step_time_s": wall.get(m.step)} for m in hist["perf/step_time_s"]]
+    train_s = (loss[-1].timestamp - loss[0].timestamp) / 1000 if len(loss) > 1 else None
+    return {"intervals": intervals, "fit_s": total, "run_id": run.info.run_id,
+            "logged_span_s": train_s, "final_step": result.metrics.get("step") if result.metrics else None}
+
+
+def summarise(run: dict, skip: int) -> dict:
+    kept = run["intervals"][skip:]
+    out = {"intervals_used": len(kept), "step_time_median_s": median([i["step_time_s"] for i in kept]),
+           "step_time_mean_s": statistics.fmean(i["step_time_s"] for i in kept)}
+    if kept and kept[0].get("data_wait_frac") is not None:
+        out["data_wait_frac_median"] = median([i["data_wait_frac"] for i in kept])
+        out["data_wait_frac_mean"] = statistics.fmean(i["data_wait_frac"] for i in kept)
+        walls = [i["wall_step_time_s"] for i in kept if i.get("wall_step_time_s")]
+        if walls:
+            out["wall_step_time_median_s"] = median(walls)
+            out["wall_step_time_mean_s"] = statistics.fmean(walls)
+    return out
+
+
+def breakdown(runs: list[dict], kind: str, skip: int, log_every: int) -> dict:
+    """Where the Ray path's extra time goes, from the stored intervals: data wait (mostly the epoch starts),
+    the rest of the per-step excess over the plain loop, and the fixed cost of a fit() around the training."""
+    plain = [iv["step_time_s"] for r in runs if r["run"] == "a" for iv in r["intervals"][skip:]]
+    ray = [iv for r in runs if r["run"] == kind for iv in r["intervals"][skip:]]
+    if not plain or not ray:
+        return {}
+    steps = log_every * len(ray)
+    total = sum(iv["step_time_s"] * log_every for iv in ray)
+    wait = sum(iv["step_time_s"] * log_every * (iv["data_wait_frac"] or 0.0) for iv in ray)
+    excess = total - statistics.fmean(plain) * steps
+    spiky = [iv for iv in ray if (iv["data_wait_frac"] or 0) > 0.2]
+    fits = [r for r in runs if r["run"] == kind]
+    return {"ray_interval_s": total, "plain_equivalent_s": statistics.fmean(plain) * steps,
+            "excess_s": excess, "data_wait_s": wait, "data_wait_share_of_excess": wait / excess if excess > 0 else None,
+            "intervals_with_data_wait_over_20pct": len(spiky), "intervals": len(ray),
+            "data_wait_s_in_those": sum(iv["step_time_s"] * log_every * iv["data_wait_frac"] for iv in spiky),
+            "ray_median_excluding_those_s": median([iv["step_time_s"] for iv in ray if iv not in spiky] or [float("nan")]),
+            "fit_s": [r.get("fit_s") for r in fits], "logged_span_s": [r.get("logged_span_s") for r in fits]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="digits", help=f"one of {', '.join(sorted(PRESETS))}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: train.use_gpu=true for the Ray runs)")
+    p.add_argument("--steps", type=int, default=60, help="train.max_steps of every run")
+    p.add_argument("--log-every", type=int, default=5, help="train.log_every: the interval of one step-time sample")
+    p.add_argument("--skip-intervals", type=int, default=2, help="start-up intervals dropped from every run")
+    p.add_argument("--sequence", default="a,b1,a", help="runs in order: a = plain loop, bN = Ray with N workers")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the plain loop AND of every Ray "
+                   "worker ($SHORTCUT_RAY_THREADS); 1 is fastest on a small shared machine")
+    p.add_argument("--ray-cpus", type=int, default=None, help="ray.init(num_cpus=...) (default: all cores)")
+    p.add_argument("--worker-niceness", type=int, default=0,
+                   help="$RAY_worker_niceness of the local cluster (Ray's default is 15, which on a busy shared host "
+                        "starves the Ray workers against this nice-0 process; 0 gives both paths the same priority)")
+    p.add_argument("--out", default="ray_overhead", help="results name")
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    seq = [s.strip() for s in args.sequence.split(",") if s.strip()]
+    for s in seq:
+        if not (s == "a" or (s.startswith("b") and s[1:].isdigit())):
+            p.error(f"bad --sequence item {s!r}: use a, b1, b2, ...")
+    threads = set_threads(args.threads)
+    os.environ["SHORTCUT_RAY_THREADS"] = str(threads)  # inherited by the Ray workers of the local cluster
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet that ray.init starts
+    cfg = apply_overrides(get_preset(args.preset), [
+        f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.sample_every=0",
+        "train.checkpoint_every=0", "train.eval_every=0", f"train.use_gpu={device.type == 'cuda'}", *args.set])
+
+    import ray
+
+    ray.init(num_cpus=args.ray_cpus or os.cpu_count())
+    uri = data.resolve_dataset(cfg.data)
+    x_all, y_all = load_tensors(cfg, uri)
+    rows_per_epoch = len(x_all)
+    print(f"preset {args.preset}: {rows_per_epoch} rows, batch {cfg.train.global_batch} "
+          f"({rows_per_epoch // cfg.train.global_batch} steps/epoch), {args.steps} steps, log every {args.log_every}, "
+          f"threads {threads}, sequence {seq}", flush=True)
+    tmp = tempfile.mkdtemp(prefix="bench-ray-overhead-")
+    runs = []
+    t0 = time.perf_counter()
+    for i, what in enumerate(seq):
+        t = time.perf_counter()
+        if what == "a":
+            res = plain_loop(cfg, x_all, y_all, device)
+        else:
+            res = ray_run(cfg, int(what[1:]), tmp, f"overhead-{i}-{what}")
+        res = {"run": what, "index": i, **res, "summary": summarise(res, args.skip_intervals),
+               "seconds": time.perf_counter() - t}
+        runs.append(res)
+        s = res["summary"]
+        print(f"  [{i}] {what}: median step {s['step_time_median_s']:.4f}s (mean {s['step_time_mean_s']:.4f}s)"
+              + (f", wall median {s.get('wall_step_time_median_s', float('nan')):.4f}s, data wait "
+                 f"{s['data_wait_frac_median']:.1%} median / {s['data_wait_frac_mean']:.1%} mean"
+                 if "data_wait_frac_median" in s else "") + f"  ({res['seconds']:.0f}s)", flush=True)
+    ray.shutdown()
+
+    def pooled(kind: str, key: str = "step_time_s") -> float | None:
+        vals = [iv[key] for r in runs if r["run"] == kind for iv in r["intervals"][args.skip_intervals:]
+                if iv.get(key) is not None]
+        return median(vals) if vals else None
+
+    def pooled_mean(kind: str, key: str = "step_time_s") -> float | None:
+        vals = [iv[key] for r in runs if r["run"] == kind for iv in r["intervals"][args.skip_intervals:]
+                if iv.get(key) is not None]
+        return statistics.fmean(vals) if vals else None
+
+    a_med, a_mean = pooled("a"), pooled_mean("a")
+    ratios = {}
+    for kind in sorted({r["run"] for r in runs if r["run"] != "a"}):
+        ratios[kind] = {
+            "ratio_median": pooled(kind) / a_med,
+            "ratio_mean": pooled_mean(kind) / a_mean,
+            "ratio_wall_median": (pooled(kind, "wall_step_time_s") or float("nan")) / a_med,
+            "ratio_wall_mean": (pooled_mean(kind, "wall_step_time_s") or float("nan")) / a_mean,
+            "step_time_median_s": pooled(kind), "plain_step_time_median_s": a_med,
+            "data_wait_frac_median": pooled(kind, "data_wait_frac"),
+            "data_wait_frac_mean": pooled_mean(kind, "data_wait_frac")}
+        r = ratios[kind]
+        print(f"{kind}: ratio {r['ratio_median']:.3f} (median), {r['ratio_mean']:.3f} (mean), wall-clock "
+              f"{r['ratio_wall_median']:.3f} (median), {r['ratio_wall_mean']:.3f} (mean); goal <= 1.10", flush=True)
+    b1 = ratios.get("b1") or next(iter(ratios.values()), None)
+    payload = {
+        "what": "median per-interval step time of the Ray Train + Ray Data path (bN: N workers) / the same "
+                "config in a plain single-process loop (a); same threads, steps and measurement",
+        "goal": "ratio <= 1.10",
+        "ratio": b1["ratio_median"] if b1 else None,
+        "settings": {"preset": args.preset, "overrides": args.set, "steps": args.steps, "log_every": args.log_every,
+                     "skip_intervals": args.skip_intervals, "sequence": seq, "torch_threads": threads,
+                     "ray_cpus": args.ray_cpus or os.cpu_count(), "global_batch": cfg.train.global_batch,
+                     "ray_worker_niceness": args.worker_niceness, "driver_niceness": os.nice(0),
+                     "rows_per_epoch": rows_per_epoch, "steps_per_epoch": rows_per_epoch // cfg.train.global_batch,
+                     "cpus_per_worker": cfg.train.cpus_per_worker,
+                     "model": f"h{cfg.model.hidden_size}-d{cfg.model.depth}-p{cfg.model.patch_size}",
+                     "train_type": cfg.objective.train_type, "image_size": cfg.data.image_size},
+        "definitions": {
+            "step_time_s": "per log interval: elapsed / steps (a: with the loss host sync inside the interval; "
+                           "b: the worker's perf/step_time_s, whose interval stops before its _log)",
+            "wall_step_time_s": "b only: difference of consecutive MLflow timestamps of train/loss / steps, i.e. "
+                                "including metric logging and everything else between two logs",
+            "ratio_median": "pooled median over the kept intervals of all bN runs / the same for all a runs",
+            "ratio_mean": "the same with means (includes the epoch-restart spikes the median hides)"},
+        "ratios": ratios,
+        "breakdown": {k: breakdown(runs, k, args.skip_intervals, args.log_every) for k in ratios},
+        "runs": runs, "total_s": time.perf_counter() - t0}
+    write_result(args.out, payload, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
