@@ -301,23 +301,28 @@ def _rel(path: Path) -> str:
 
 
 def criteria(sc: dict, fm: dict) -> dict:
+    """The issue's expectations: shortcut better at 1 and 4 steps, within 10 % at 128; goal 1-step <= 2x 128-step.
+    A missing FID (failed run) makes the comparisons that need it None, never a false pass."""
     def fid(d, n):
         v = d.get(str(n), {}).get("fid")
-        return float(v) if v is not None else float("nan")
+        return float(v) if v is not None and np.isfinite(v) else None
+
+    def cmp(fn, *vals):
+        return None if any(v is None for v in vals) else fn(*vals)
 
     out = {}
     for n in (1, 2, 4, 8):
         if str(n) in sc:
-            out[f"shortcut_better_at_{n}"] = bool(fid(sc, n) < fid(fm, n))
+            out[f"shortcut_better_at_{n}"] = cmp(lambda a, b: bool(a < b), fid(sc, n), fid(fm, n))
     if "128" in sc:
-        rel = (fid(sc, 128) - fid(fm, 128)) / fid(fm, 128)
+        rel = cmp(lambda a, b: (a - b) / b, fid(sc, 128), fid(fm, 128))
         out["relative_gap_at_128"] = rel
-        out["within_10pct_at_128"] = bool(abs(rel) <= 0.10)
+        out["within_10pct_at_128"] = cmp(lambda r: bool(abs(r) <= 0.10), rel)
         if "1" in sc:
-            out["shortcut_1step_over_128step"] = fid(sc, 1) / fid(sc, 128)
-            out["goal_1step_le_2x_128step"] = bool(fid(sc, 1) <= 2 * fid(sc, 128))
-    out["expected_ordering_held"] = bool(out.get("shortcut_better_at_1", False) and out.get("shortcut_better_at_4", False)
-                                         and out.get("within_10pct_at_128", False))
+            out["shortcut_1step_over_128step"] = cmp(lambda a, b: a / b, fid(sc, 1), fid(sc, 128))
+            out["goal_1step_le_2x_128step"] = cmp(lambda a, b: bool(a <= 2 * b), fid(sc, 1), fid(sc, 128))
+    parts = [out.get("shortcut_better_at_1"), out.get("shortcut_better_at_4"), out.get("within_10pct_at_128")]
+    out["expected_ordering_held"] = None if None in parts else all(parts)
     return out
 
 
