@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -76,7 +77,8 @@ class Runner:
             meta = checkpoint.load(d, self.state.model, self.state.ema, self.state.optimizer)
         self.state.step, self.epoch = int(meta["step"]), int(meta.get("epoch", 0))
         if self.rank == 0:
-            print(f"[shortcut-ray] resumed {self.run_name} at step {self.state.step} from {ckpt.path}", flush=True)
+            _say(f"[shortcut-ray] resumed {self.run_name} at step {self.state.step} from {ckpt.path}")
+            _warn_uncommitted(self.state.step)
         if ray.train.get_checkpoint() is None:  # a warm start begins a new MLflow run
             meta.pop("mlflow_run_id", None)
             meta.pop("checkpoints", None)
@@ -169,8 +171,8 @@ class Runner:
                 host["perf/mfu"] = ips / self.world * flops_img / peak
         self.tracker.log_metrics(host, step)
         if self.rank == 0:
-            print(f"[shortcut-ray] step {step:>7d} loss {host['train/loss']:.4f} flow {host['train/loss_flow']:.4f}"
-                  f" boot {host.get('train/loss_bootstrap', float('nan')):.4f} {ips:8.1f} img/s", flush=True)
+            _say(f"[shortcut-ray] step {step:>7d} loss {host['train/loss']:.4f} flow {host['train/loss_flow']:.4f}"
+                  f" boot {host.get('train/loss_bootstrap', float('nan')):.4f} {ips:8.1f} img/s")
 
     # -- sampling ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -224,8 +226,7 @@ class Runner:
         self.tracker.log_metrics(metrics, step)
         self.tracker.log_dict({"step": step, **details}, f"eval/step_{step:07d}.json")
         if self.rank == 0:
-            print(f"[shortcut-ray] eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
-                  flush=True)
+            _say(f"[shortcut-ray] eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 
     def _checkpoint(self, step: int, metrics: dict, report: dict) -> None:
@@ -245,6 +246,33 @@ class Runner:
             shutil.rmtree(tmp, ignore_errors=True)
         self.tracker.set_tags({"checkpoint.latest": uri, "checkpoint.step": str(step)})
         self.tracker.log_dict({"checkpoints": self.checkpoints}, "checkpoints.json")
+
+
+def _warn_uncommitted(step: int) -> None:
+    """Say so when the run's storage holds a checkpoint newer than the one Ray Train committed: a job
+    killed between a checkpoint's upload and its commit resumes from the last *committed* one (only
+    committed checkpoints are known complete on every rank), so up to checkpoint_every steps are redone."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    try:
+        storage = ray.train.get_context().get_storage()
+        infos = storage.storage_filesystem.get_file_info(pafs.FileSelector(storage.experiment_fs_path))
+    except Exception:  # noqa: BLE001 - a diagnostic only; never block a resume on it
+        return
+    newer = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_") and i.base_name[11:].isdigit()
+                   and int(i.base_name[11:]) > step)
+    if newer:
+        _say(f"[shortcut-ray] note: {', '.join(newer)} in storage was never committed by Ray Train (the job "
+             f"stopped while reporting it); continuing from the last committed checkpoint, step {step}")
+
+
+def _say(message: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver. Not print(): Train V2 patches
+    print into its logger *and* tees it to a wrapped stdout, so every printed line reached the job log twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:

@@ -5,6 +5,7 @@ evaluated. Every service is stopped by PID (tests/services.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,6 +46,21 @@ def _checkpoint_steps(fs) -> list[int]:
     return sorted(steps)
 
 
+def _committed_step(fs, settle_s: float = 6.0, timeout_s: float = 120.0) -> int:
+    """Step of the snapshot's latest committed checkpoint, once storage stops changing for settle_s."""
+    snapshot = f"testbucket/runs/{RUN}/checkpoint_manager_snapshot.json"
+    seen, since, deadline = None, time.monotonic(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = (_checkpoint_steps(fs), fs.cat(snapshot) if fs.exists(snapshot) else b"")
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= settle_s:
+            latest = json.loads(seen[1])["latest_checkpoint_result"]["checkpoint_dir_name"]
+            return int(re.fullmatch(r"checkpoint_(\d+)", latest).group(1))
+        time.sleep(1)
+    raise AssertionError(f"run storage still changing {timeout_s} s after the job stopped: {seen}")
+
+
 def test_prepare_train_stop_resume_evaluate_on_real_services(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -69,16 +85,22 @@ def test_prepare_train_stop_resume_evaluate_on_real_services(tmp_path):
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "stop", "--address", head.dashboard_url, first], env=client_environ(head),
                        check=True, timeout=120, capture_output=True)
         assert wait_job(head, first, timeout=120) == "STOPPED"
-        stopped_at = _checkpoint_steps(fs)[-1]
-        assert 0 < stopped_at < 10_000
+        # The resume point is Ray Train's latest *committed* checkpoint (RAY_NOTES §2c/e): a directory
+        # uploaded in the instant the job was killed may never have been committed. Wait for the dying
+        # workers to settle, then read the snapshot the next launch restores from.
+        stopped_at = _committed_step(fs)
+        assert 0 < stopped_at < 10_000 and stopped_at in _checkpoint_steps(fs)
 
         # 3. resubmit with --resume: continues from the latest checkpoint to a few steps further
+        uncommitted = [s for s in _checkpoint_steps(fs) if s > stopped_at]
         target = stopped_at + 10
         second = submit_job(head, _train_cmd(target, resume=True), runtime_env, "e2e-train-2", cwd=ROOT)
         status = wait_job(head, second, timeout=600)
         logs = job_logs(head, second)
         assert status == "SUCCEEDED", logs[-4000:]
-        assert f"resumed {RUN} at step {stopped_at}" in logs
+        resumed = re.findall(rf"resumed {RUN} at step (\d+)", logs)
+        assert resumed == [str(stopped_at)], (stopped_at, _checkpoint_steps(fs), logs[:6000])  # once, not twice
+        assert ("never committed by Ray Train" in logs) == bool(uncommitted), (uncommitted, logs[:6000])
         steps = _checkpoint_steps(fs)
         assert steps[-1] == target  # (train.num_to_keep = 3 may have deleted the older ones)
         assert fs.exists(f"testbucket/runs/{RUN}/checkpoint_{target:07d}/.metadata")
