@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_tag, median, resolve_device, set_threads, stats, timed, write_result  # noqa: E402
 
 from shortcut_ray import data  # noqa: E402
+from shortcut_ray import shards  # noqa: E402
 from shortcut_ray.config import apply_overrides  # noqa: E402
 from shortcut_ray.presets import PRESETS, get_preset  # noqa: E402
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     uri = data.resolve_dataset(cfg.data)
     resolve_s = time.perf_counter() - t0
-    info = data.dataset_info(uri)
+    info = shards.dataset_info(uri)
     ds = data.build_dataset(cfg.data, uri, seed=cfg.train.seed)
     materialize_s = None
     if args.materialize:

@@ -95,11 +95,11 @@ def parse_args(argv=None):
 # -- data and reference statistics ------------------------------------------------------------------
 
 def dataset_uri(args) -> str:
-    from shortcut_ray import data
+    from shortcut_ray import shards
 
     if args.dataset == "digits":
-        return data.digits_dataset(args.image_size)
-    return data.fashion_mnist_dataset(args.data_uri, args.image_size)
+        return shards.digits_dataset(args.image_size)
+    return shards.fashion_mnist_dataset(args.data_uri, args.image_size)
 
 
 def first_images(uri: str, start: int, count: int, image_size: int) -> torch.Tensor:
@@ -108,8 +108,10 @@ def first_images(uri: str, start: int, count: int, image_size: int) -> torch.Ten
 
     from shortcut_ray import data
 
-    info = data.dataset_info(uri)
-    fs, root = data.filesystem(uri)
+    from shortcut_ray import shards
+
+    info = shards.dataset_info(uri)
+    fs, root = shards.filesystem(uri)
     out, seen = [], 0
     for shard in info["shards"]:
         if seen >= start + count:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, resolve_device, set_threads, write_result  # noqa: E402
 
 from shortcut_ray import data  # noqa: E402
+from shortcut_ray import shards  # noqa: E402
 from shortcut_ray.config import apply_overrides  # noqa: E402
 from shortcut_ray.presets import PRESETS, get_preset  # noqa: E402
 from shortcut_ray.train_step import TrainState  # noqa: E402
@@ -49,8 +50,8 @@ def load_tensors(cfg, uri: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All rows of the shards, decoded once with the pipeline's own `decode_batch`: (N, C, H, W), (N,)."""
     import pyarrow.parquet as pq
 
-    fs, root = data.filesystem(uri)
-    info = data.dataset_info(uri)
+    fs, root = shards.filesystem(uri)
+    info = shards.dataset_info(uri)
     xs, ys = [], []
     for s in info["shards"]:
         with fs.open(f"{root}/{s['file']}", "rb") as f:

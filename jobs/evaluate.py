@@ -25,7 +25,7 @@ def read_state(uri: str) -> dict:
     if "://" not in uri:
         with open(os.path.join(uri, "state.json")) as f:
             return json.load(f)
-    from shortcut_ray.data import filesystem
+    from shortcut_ray.shards import filesystem
 
     fs, path = filesystem(uri)
     return json.loads(fs.cat_file(path.rstrip("/") + "/state.json"))

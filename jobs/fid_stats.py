@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     import torch
 
     from shortcut_ray import data
+
+    from shortcut_ray import shards
     from shortcut_ray.fid import load_inception, reference_stats_cache_key, stats_from_batches
     from shortcut_ray.launch import ensure_ray
 
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     extractor = load_inception(args.fid_weights or None, device=device)
     key = reference_stats_cache_key(uri, dcfg.image_size, extractor.weights_id, max_images=args.max_images or None,
                                     vae_roundtrip=False)
-    out = args.out or os.path.join(data.cache_root(), "fid_stats", key + ".npz")
+    out = args.out or os.path.join(shards.cache_root(), "fid_stats", key + ".npz")
     if not args.out and os.path.exists(out):
         print(f"cached: {out}")
         return 0

@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.format == "digits":  # the embedded default: small, written directly without Ray
-        from shortcut_ray.data import write_digits
+        from shortcut_ray.shards import write_digits
 
         manifest = write_digits(args.output, args.image_size)
         print(f"{args.output}: {manifest['count']} images, {manifest['num_classes']} classes (sklearn digits)")

@@ -26,7 +26,7 @@ def local_checkpoint(uri: str) -> str:
     """A local directory with the checkpoint (gs:// and other fsspec URIs are copied to a cache)."""
     if "://" not in uri:
         return uri
-    from shortcut_ray.data import cache_root, filesystem
+    from shortcut_ray.shards import cache_root, filesystem
 
     fs, path = filesystem(uri)
     dest = os.path.join(cache_root(), "checkpoints", path.strip("/").replace("/", "_"))

@@ -34,6 +34,7 @@ from shortcut_ray.presets import PRESETS, get_preset
 
 def parse_args(argv=None):
     from shortcut_ray import tune as st
+    from shortcut_ray import tune_space as ts
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="digits", help=f"one of: {', '.join(sorted(PRESETS))}")
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=None,
                    help="trials (random/optuna; default 8) or repeats of the grid (--search grid; default 1)")
     p.add_argument("--scheduler", choices=st.SCHEDULERS, default="asha")
-    p.add_argument("--search", choices=st.SEARCHES, default="random", help="optuna needs `pip install optuna`")
+    p.add_argument("--search", choices=ts.SEARCHES, default="random", help="optuna needs `pip install optuna`")
     p.add_argument("--metric", default=st.DEFAULT_METRIC)
     p.add_argument("--mode", choices=("min", "max"), default=st.DEFAULT_MODE)
     p.add_argument("--name", default="", help="sweep name (default: sweep-<preset>-<time>); with --resume: which")
@@ -56,7 +57,7 @@ def parse_args(argv=None):
         p.error("--resume needs --name SWEEP")
     try:
         cfg = apply_overrides(get_preset(args.preset), args.set)
-        space = st.parse_space(args.space, cfg) if args.space else st.default_space(cfg)
+        space = ts.parse_space(args.space, cfg) if args.space else ts.default_space(cfg)
     except (ConfigError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
     if args.num_samples is None:
@@ -66,6 +67,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     from shortcut_ray import tune as st
+    from shortcut_ray import tune_space as ts
 
     args, cfg, space = parse_args(argv)
     if args.print_space:
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     best = next(t for t in out.trials if t["trial_id"] == out.best_trial_id)
     print(f"[shortcut-ray] sweep {out.name}: best trial {out.best_trial_id} {out.metric}={out.best_value:.4g}")
     print(f"[shortcut-ray] best params: {json.dumps(best['params'])}")
-    sets = " ".join(f"--set {k}={st.fmt_value(v)}" for k, v in best["params"].items())
+    sets = " ".join(f"--set {k}={ts.fmt_value(v)}" for k, v in best["params"].items())
     print(f"[shortcut-ray] best overrides: {sets}")
     print(f"[shortcut-ray] best checkpoint: {out.best_checkpoint}")
     for t in out.trials:

@@ -21,7 +21,7 @@ import io
 import numpy as np
 import torch
 
-from shortcut_ray import data
+from shortcut_ray import shards
 
 SD_VAE = "stabilityai/sd-vae-ft-mse"
 
@@ -92,20 +92,20 @@ def encode_dataset(pixel_uri: str, out_uri: str, vae_name: str = SD_VAE, batch_s
     """Encode RGB pixel shards at pixel_uri into latent shards at out_uri; return the manifest.
 
     Runs on Ray Data (needs ray.init): `concurrency` VAE actors, each with `num_gpus` (default: 1 when
-    the cluster has GPUs, else 0). The driver streams the rows into `data.write_shards`.
+    the cluster has GPUs, else 0). The driver streams the rows into `shards.write_shards`.
     """
     import ray
     import ray.data
 
-    info = data.dataset_info(pixel_uri)
+    info = shards.dataset_info(pixel_uri)
     if info["kind"] != "pixels" or info["channels"] != 3:
         raise ValueError(f"{pixel_uri} holds {info['kind']} with {info['channels']} channels; the VAE "
                          f"encodes RGB pixel shards (jobs.prepare_data --channels 3)")
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    fs, root = data.filesystem(pixel_uri)
-    paths = [data._join(root if data._is_local(fs) else pixel_uri, s["file"]) for s in info["shards"]]
-    ds = ray.data.read_parquet(paths, filesystem=None if data._is_local(fs) else fs)
+    fs, root = shards.filesystem(pixel_uri)
+    paths = [shards.join_uri(root if shards.is_local_fs(fs) else pixel_uri, s["file"]) for s in info["shards"]]
+    ds = ray.data.read_parquet(paths, filesystem=None if shards.is_local_fs(fs) else fs)
     enc = ds.map_batches(Encoder, fn_constructor_kwargs={"vae_name": vae_name, "flip": flip},
                          batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
                          num_gpus=num_gpus)
@@ -121,7 +121,7 @@ def encode_dataset(pixel_uri: str, out_uri: str, vae_name: str = SD_VAE, batch_s
             for i in range(len(b["label"])):
                 yield {k: b[k][i] for k in b}
 
-    return data.write_shards(rows(), out_uri, shard_size, {
+    return shards.write_shards(rows(), out_uri, shard_size, {
         "kind": "latents", "image_size": side, "channels": shape[0], "num_classes": info["num_classes"],
         "classes": info["classes"], "latent_shape": shape, "vae": vae_name,
         "latent_scale": float(cfg.get("scaling_factor") or 0.18215),

@@ -24,7 +24,7 @@ def pyarrow_filesystem(uri: str):
         return None, os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
     import pyarrow.fs as pafs
 
-    from .data import filesystem
+    from .shards import filesystem
 
     fs, path = filesystem(uri)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

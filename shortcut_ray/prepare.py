@@ -7,8 +7,8 @@ Inputs (any local path or fsspec URI):
                Hugging Face datasets write it) and an optional label column (ints or class names)
 Every image is converted to grayscale/RGB, centre-cropped to a square and resized (PIL bilinear,
 antialiased when shrinking, ALGORITHM §3.4) -- IDX digits 1..4 px smaller than the target are padded
-instead (`data.fit_square`) -- and stored as PNG. The driver only streams the encoded rows into
-`data.write_shards`; unreadable images are reported by path and skipped (counted in the manifest)
+instead (`shards.fit_square`) -- and stored as PNG. The driver only streams the encoded rows into
+`shards.write_shards`; unreadable images are reported by path and skipped (counted in the manifest)
 or, with on_error="fail", stop the job.
 The CLI is jobs/prepare_data.py.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from shortcut_ray import data
+from shortcut_ray import shards
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _MAX_LISTED_SKIPS = 1000  # manifest lists at most this many skipped paths (the count is exact)
@@ -53,7 +53,7 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_size: int, channels: int
     """
     from PIL import Image
 
-    mode = data._PIL_MODES[channels]
+    mode = shards.PIL_MODES[channels]
     paths = [str(p) for p in batch["path"]]
     labels = batch.get("label")
     out_img, out_lab, out_err = [], [], []
@@ -64,7 +64,7 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_size: int, channels: int
             if "raw" in batch:
                 side = int(batch["side"][i])
                 arr = np.frombuffer(batch["raw"][i], np.uint8).reshape(side, side)
-                im = Image.fromarray(data.fit_square(arr, image_size))
+                im = Image.fromarray(shards.fit_square(arr, image_size))
             else:
                 if "bytes" in batch:
                     raw = batch["bytes"][i]
@@ -79,7 +79,7 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_size: int, channels: int
                 with Image.open(io.BytesIO(raw)) as im0:
                     im0.load()  # decode fully here: truncated files fail now, not later
                     im = center_crop_resize(im0.convert(mode), image_size)
-            out_img.append(data.png_bytes(np.asarray(im.convert(mode))))
+            out_img.append(shards.png_bytes(np.asarray(im.convert(mode))))
             out_lab.append(y)
             out_err.append("")
         except Exception as e:  # noqa: BLE001 -- any decode failure is reported per file
@@ -98,8 +98,8 @@ def idx_source(src: str, split: str, shuffle: bool, seed: int):
     import pyarrow as pa
     import ray.data
 
-    images_path, labels_path = data.find_idx_pair(src, split)
-    images, labels = data.read_idx(images_path), data.read_idx(labels_path)
+    images_path, labels_path = shards.find_idx_pair(src, split)
+    images, labels = shards.read_idx(images_path), shards.read_idx(labels_path)
     if images.ndim != 3 or images.shape[1] != images.shape[2] or len(images) != len(labels):
         raise PrepareError(f"{images_path}: expected square (N, H, H) images matching {len(labels)} labels, "
                            f"got {images.shape}")
@@ -118,7 +118,7 @@ def idx_source(src: str, split: str, shuffle: bool, seed: int):
 def imagefolder_source(src: str, shuffle: bool, seed: int):
     import ray.data
 
-    fs, root = data.filesystem(src)
+    fs, root = shards.filesystem(src)
     if not fs.isdir(root):
         raise PrepareError(f"{src} is not a folder; an ImageFolder input is root/<class>/<image files>")
     classes = sorted(p["name"].rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=True)
@@ -127,7 +127,7 @@ def imagefolder_source(src: str, shuffle: bool, seed: int):
         raise PrepareError(f"{src} has no class subfolders; expected root/<class>/<image files>")
     items = []
     for k, name in enumerate(classes):
-        for path in sorted(fs.find(data._join(root, name))):
+        for path in sorted(fs.find(shards.join_uri(root, name))):
             if path.lower().endswith(IMAGE_EXTENSIONS):
                 items.append({"path": path, "label": k})
     if not items:
@@ -141,8 +141,8 @@ def imagefolder_source(src: str, shuffle: bool, seed: int):
 def parquet_source(src: str, image_column: str, label_column: str, shuffle: bool, seed: int):
     import ray.data
 
-    fs, path = data.filesystem(src)
-    ds = ray.data.read_parquet(path if data._is_local(fs) else src, filesystem=None if data._is_local(fs) else fs,
+    fs, path = shards.filesystem(src)
+    ds = ray.data.read_parquet(path if shards.is_local_fs(fs) else src, filesystem=None if shards.is_local_fs(fs) else fs,
                                include_paths=True)
     names = ds.schema().names
     if image_column not in names:
@@ -199,7 +199,7 @@ def prepare(fmt: str, src: str, out: str, image_size: int, channels: int | None 
                                f"{meta['num_classes']} classes")
         meta["classes"] = list(class_names)
     meta.update(kind="pixels", image_size=image_size, channels=channels, skipped=0, skipped_files=[])
-    fs = data.filesystem(src)[0] if fmt == "imagefolder" else None
+    fs = shards.filesystem(src)[0] if fmt == "imagefolder" else None
     encoded = ds.map_batches(encode_batch, batch_format="numpy", batch_size=64,
                              fn_kwargs={"image_size": image_size, "channels": channels, "fs": fs,
                                         "label_map": label_map})
@@ -224,7 +224,7 @@ def prepare(fmt: str, src: str, out: str, image_size: int, channels: int | None 
     ctx.execution_options.preserve_order = True
     try:
         # write_shards reads meta after consuming rows(), so the skip count lands in the manifest.
-        manifest = data.write_shards(rows(), out, shard_size, meta)
+        manifest = shards.write_shards(rows(), out, shard_size, meta)
     finally:
         ctx.execution_options.preserve_order = old
     print(f"wrote {manifest['count']} images in {len(manifest['shards'])} shards to {out} "
@@ -234,15 +234,15 @@ def prepare(fmt: str, src: str, out: str, image_size: int, channels: int | None 
 
 def detect_format(src: str) -> str:
     """idx if the IDX files are there, parquet for *.parquet or a folder of them, else imagefolder."""
-    fs, path = data.filesystem(src)
+    fs, path = shards.filesystem(src)
     if path.endswith(".parquet"):
         return "parquet"
     for split in ("train", "test"):
         try:
-            data.find_idx_pair(src, split)
+            shards.find_idx_pair(src, split)
             return "idx"
         except FileNotFoundError:
             pass
-    if fs.isdir(path) and fs.glob(data._join(path, "*.parquet")):
+    if fs.isdir(path) and fs.glob(shards.join_uri(path, "*.parquet")):
         return "parquet"
     return "imagefolder"

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from shortcut_ray import data
+from shortcut_ray import data, shards
 from shortcut_ray.config import ConfigError, DataConfig
 
 
@@ -40,13 +40,13 @@ def png_array(b: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def digits_uri(tmp_path_factory) -> str:
-    return data.digits_dataset(16, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return shards.digits_dataset(16, cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
 # -- no Ray --------------------------------------------------------------------------------------
 
 def test_digits_shards_roundtrip(digits_uri):
-    info = data.dataset_info(digits_uri)
+    info = shards.dataset_info(digits_uri)
     assert (info["count"], info["num_classes"], info["image_size"], info["channels"]) == (1797, 10, 16, 1)
     assert info["kind"] == "pixels" and info["skipped"] == 0 and sum(info["class_counts"]) == 1797
     assert len(info["shards"]) == 4 and sum(s["rows"] for s in info["shards"]) == 1797
@@ -61,49 +61,49 @@ def test_digits_shards_roundtrip(digits_uri):
     assert np.bincount(labels).tolist() == info["class_counts"]
     img = png_array(pq.read_table(os.path.join(digits_uri, "part-00000.parquet")).column("image")[0].as_py())
     assert img.shape == (16, 16) and img.dtype == np.uint8 and img.max() > 200
-    assert data.verify_shards(digits_uri)["count"] == 1797
+    assert shards.verify_shards(digits_uri)["count"] == 1797
     # Cached: a second call reuses the shards instead of rewriting them.
-    mtime = os.path.getmtime(os.path.join(digits_uri, data.MANIFEST))
-    assert data.digits_dataset(16, cache_dir=os.path.dirname(digits_uri)) == digits_uri
-    assert os.path.getmtime(os.path.join(digits_uri, data.MANIFEST)) == mtime
+    mtime = os.path.getmtime(os.path.join(digits_uri, shards.MANIFEST))
+    assert shards.digits_dataset(16, cache_dir=os.path.dirname(digits_uri)) == digits_uri
+    assert os.path.getmtime(os.path.join(digits_uri, shards.MANIFEST)) == mtime
 
 
 def test_rewrite_drops_stale_shards_and_missing_manifest_is_refused(tmp_path):
     uri = str(tmp_path / "ds")
     meta = {"kind": "pixels", "image_size": 2, "channels": 1, "num_classes": 3}
-    img = data.png_bytes(np.zeros((2, 2), np.uint8))
-    data.write_shards([{"image": img, "label": i % 3} for i in range(5)], uri, 2, meta)
+    img = shards.png_bytes(np.zeros((2, 2), np.uint8))
+    shards.write_shards([{"image": img, "label": i % 3} for i in range(5)], uri, 2, meta)
     assert sorted(os.listdir(uri)) == ["manifest.json", "part-00000.parquet", "part-00001.parquet",
                                        "part-00002.parquet"]
-    m = data.write_shards({"image": [img] * 2, "label": np.array([0, 2])}, uri, 2, meta)
+    m = shards.write_shards({"image": [img] * 2, "label": np.array([0, 2])}, uri, 2, meta)
     assert sorted(os.listdir(uri)) == ["manifest.json", "part-00000.parquet"]
     assert m["count"] == 2 and m["class_counts"] == [1, 0, 1]
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
-        data.write_shards({"image": [img], "label": [3]}, uri, 2, meta)
+        shards.write_shards({"image": [img], "label": [3]}, uri, 2, meta)
     # The failed write removed the old manifest first: readers refuse the half-written directory.
     with pytest.raises(FileNotFoundError, match="jobs.prepare_data"):
-        data.dataset_info(uri)
+        shards.dataset_info(uri)
 
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_read_idx(tmp_path, gz):
     imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
     labels = np.array([3, 1, 4, 1, 5], np.uint8)
-    got = data.read_idx(write_idx(tmp_path / "im", imgs, gz))
+    got = shards.read_idx(write_idx(tmp_path / "im", imgs, gz))
     assert got.shape == (5, 28, 28) and got.dtype == np.uint8 and np.array_equal(got, imgs)
-    assert np.array_equal(data.read_idx(write_idx(tmp_path / "lb", labels, gz)), labels)
+    assert np.array_equal(shards.read_idx(write_idx(tmp_path / "lb", labels, gz)), labels)
     wide = np.array([[1, -2], [70000, 4]], np.int32)  # multi-byte types are big-endian on disk
-    assert np.array_equal(data.read_idx(write_idx(tmp_path / "w", wide, gz)), wide)
+    assert np.array_equal(shards.read_idx(write_idx(tmp_path / "w", wide, gz)), wide)
 
 
 def test_read_idx_rejects_bad_files(tmp_path):
     (tmp_path / "x").write_bytes(b"\x89PNG....")
     with pytest.raises(ValueError, match="not an IDX file"):
-        data.read_idx(str(tmp_path / "x"))
+        shards.read_idx(str(tmp_path / "x"))
     good = open(write_idx(tmp_path / "t", np.zeros((4, 3, 3), np.uint8), gz=False), "rb").read()
     (tmp_path / "t").write_bytes(good[:-5])
     with pytest.raises(ValueError, match="truncated"):
-        data.read_idx(str(tmp_path / "t"))
+        shards.read_idx(str(tmp_path / "t"))
 
 
 def test_fashion_mnist_pads_28_to_32(tmp_path):
@@ -112,14 +112,14 @@ def test_fashion_mnist_pads_28_to_32(tmp_path):
     imgs = np.full((6, 28, 28), 200, np.uint8)
     write_idx(src / "train-images-idx3-ubyte.gz", imgs, gz=True)
     write_idx(src / "train-labels-idx1-ubyte.gz", np.arange(6, dtype=np.uint8), gz=True)
-    uri = data.fashion_mnist_dataset(str(src), image_size=32, cache_dir=str(tmp_path / "cache"))
-    info = data.dataset_info(uri)
+    uri = shards.fashion_mnist_dataset(str(src), image_size=32, cache_dir=str(tmp_path / "cache"))
+    info = shards.dataset_info(uri)
     assert info["count"] == 6 and info["classes"][9] == "Ankle boot" and info["source_image_size"] == 28
     img = png_array(pq.read_table(os.path.join(uri, "part-00000.parquet")).column("image")[0].as_py())
     assert img.shape == (32, 32)
     assert (img[2:30, 2:30] == 200).all() and img[:2].max() == 0 and img[:, :2].max() == 0  # 2 px of background
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST IDX files not found"):
-        data.fashion_mnist_dataset(str(tmp_path / "nowhere"), split="test", cache_dir=str(tmp_path / "cache"))
+        shards.fashion_mnist_dataset(str(tmp_path / "nowhere"), split="test", cache_dir=str(tmp_path / "cache"))
 
 
 def test_resolve_dataset_mismatch_says_which_setting(digits_uri):
@@ -138,7 +138,7 @@ def test_resolve_dataset_mismatch_says_which_setting(digits_uri):
 def test_decode_pixels_scales_and_flips():
     img = np.zeros((4, 4), np.uint8)
     img[:, 0] = 255  # bright left column: a flip moves it to the right
-    batch = {"image": np.array([data.png_bytes(img)] * 64, dtype=object), "label": np.arange(64)}
+    batch = {"image": np.array([shards.png_bytes(img)] * 64, dtype=object), "label": np.arange(64)}
     out = data.decode_batch(batch, kind="pixels", channels=1, image_size=4, random_flip=True, latent_scale=1.0)
     x = out["image"]
     assert x.shape == (64, 1, 4, 4) and x.dtype == np.float32 and out["label"].dtype == np.int64
@@ -169,14 +169,14 @@ def test_decode_latents_samples_posterior_and_picks_flip():
 
 
 def test_filesystem_resolution(monkeypatch, tmp_path):
-    fs, path = data.filesystem(str(tmp_path))
-    assert data._is_local(fs) and path == str(tmp_path)
-    assert data.filesystem("file://" + str(tmp_path))[1] == str(tmp_path)
-    fs, path = data.filesystem("memory://bucket/ds")
+    fs, path = shards.filesystem(str(tmp_path))
+    assert shards.is_local_fs(fs) and path == str(tmp_path)
+    assert shards.filesystem("file://" + str(tmp_path))[1] == str(tmp_path)
+    fs, path = shards.filesystem("memory://bucket/ds")
     assert "memory" in fs.protocol and path.endswith("bucket/ds")
     monkeypatch.delenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", raising=False)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:1")
-    fs, path = data.filesystem("gs://bucket/prefix/")
+    fs, path = shards.filesystem("gs://bucket/prefix/")
     assert path == "bucket/prefix" and os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] == "false"
     assert type(fs).__module__ == "gcsfs.core"  # not the HNS-probing subclass (RAY_NOTES §2)
 
@@ -214,8 +214,8 @@ def test_ray_read_decode_batches(ray_session, digits_uri):
 def test_epoch_split_over_two_consumers_visits_each_row_once(ray_session, tmp_path):
     # 64 rows with unique labels (= row ids) in 8 shards, so the split is checkable exactly.
     uri = str(tmp_path / "ids")
-    rows = [{"image": data.png_bytes(np.full((4, 4), i * 4, np.uint8)), "label": i} for i in range(64)]
-    data.write_shards(rows, uri, 8, {"kind": "pixels", "image_size": 4, "channels": 1, "num_classes": 64})
+    rows = [{"image": shards.png_bytes(np.full((4, 4), i * 4, np.uint8)), "label": i} for i in range(64)]
+    shards.write_shards(rows, uri, 8, {"kind": "pixels", "image_size": 4, "channels": 1, "num_classes": 64})
     cfg = DataConfig(source="parquet", uri=uri, image_size=4, num_classes=64, random_flip=False, shuffle_buffer=16)
     splits = data.build_dataset(cfg, uri, seed=1).streaming_split(2, equal=True)
     orders = []
@@ -256,10 +256,10 @@ def test_gcs_shards_through_ray(ray_session, tmp_path, monkeypatch):
     with gcs_emulator(tmp_path) as endpoint:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", str(endpoint))
         uri = "gs://testbucket/datasets/tiny"
-        rows = {"image": [data.png_bytes(np.full((4, 4), 9 * i, np.uint8)) for i in range(24)],
+        rows = {"image": [shards.png_bytes(np.full((4, 4), 9 * i, np.uint8)) for i in range(24)],
                 "label": np.arange(24) % 3}
-        data.write_shards(rows, uri, 10, {"kind": "pixels", "image_size": 4, "channels": 1, "num_classes": 3})
-        assert data.verify_shards(uri)["count"] == 24
+        shards.write_shards(rows, uri, 10, {"kind": "pixels", "image_size": 4, "channels": 1, "num_classes": 3})
+        assert shards.verify_shards(uri)["count"] == 24
         cfg = DataConfig(source="parquet", uri=uri, image_size=4, num_classes=3, shuffle_buffer=0)
         assert data.resolve_dataset(cfg) == uri
         ys = [y for _, y in data.batches(data.build_dataset(cfg, uri, seed=0).iterator(), 4, cfg)]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from shortcut_ray import data
+from shortcut_ray import data, shards
 from shortcut_ray.config import ConfigError, DataConfig
 
 diffusers = pytest.importorskip("diffusers", reason="latents need the optional extra: pip install 'shortcut-ray[latents]'")
@@ -36,7 +36,7 @@ def test_encode_flip_and_decode_scaling(vae_dir):
     mean, logvar = latents.encode_posterior(vae, x)
     assert mean.shape == logvar.shape == (3, 4, 8, 8)
     enc = latents.Encoder(vae_dir)
-    rows = enc({"image": np.array([data.png_bytes(((a.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    rows = enc({"image": np.array([shards.png_bytes(((a.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
                                    for a in x], dtype=object), "label": np.array([0, 1, 2])})
     assert set(rows) == {"mean", "logvar", "mean_flip", "logvar_flip", "label"}
     m0 = np.frombuffer(rows["mean"][0], np.float16).reshape(4, 8, 8)
@@ -55,7 +55,7 @@ def test_encode_dataset_through_ray_and_train_pipeline(vae_dir, tmp_path):
 
     rng = np.random.default_rng(0)
     pix = str(tmp_path / "pix")
-    data.write_shards({"image": [data.png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(12)],
+    shards.write_shards({"image": [shards.png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(12)],
                        "label": np.arange(12) % 2}, pix, 5,
                       {"kind": "pixels", "image_size": 16, "channels": 3, "num_classes": 2})
     out = str(tmp_path / "lat")
@@ -63,7 +63,7 @@ def test_encode_dataset_through_ray_and_train_pipeline(vae_dir, tmp_path):
     try:
         m = latents.encode_dataset(pix, out, vae_dir, batch_size=4, shard_size=8)
         assert (m["count"], m["latent_shape"], m["has_flip"], m["image_size"], m["channels"]) == (12, [4, 8, 8], True, 8, 4)
-        assert m["class_counts"] == [6, 6] and data.verify_shards(out)["kind"] == "latents"
+        assert m["class_counts"] == [6, 6] and shards.verify_shards(out)["kind"] == "latents"
         cfg = DataConfig(source="parquet", uri=out, kind="latents", image_size=8, channels=4, num_classes=2,
                          shuffle_buffer=0)
         assert data.resolve_dataset(cfg) == out

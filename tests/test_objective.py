@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shortcut_ray.config import ObjectiveConfig
-from shortcut_ray.objective import (Draws, FlowMatchingObjective, ShortcutObjective, bootstrap_levels,
+from shortcut_ray.objective import (FlowMatchingObjective, ShortcutObjective, bootstrap_levels,
                                     build_objective, flow_velocity, interpolate)
 
 EPS = 1e-5

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from shortcut_ray import data
+from shortcut_ray import shards
 from tests.test_data import write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_imagefolder_skip_counts_and_names_the_corrupt_file(image_folder, tmp_pa
     r = run_cli("--input", str(root), "--output", out, "--image-size", "8", "--shard-size", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"skipped unreadable image {corrupt}" in r.stdout + r.stderr
-    info = data.verify_shards(out)  # checksums match the bytes
+    info = shards.verify_shards(out)  # checksums match the bytes
     assert info["count"] == 8 and info["skipped"] == 1
     assert info["skipped_files"][0]["path"] == corrupt
     assert info["classes"] == ["cat", "dog"] and info["class_counts"] == [4, 4]

@@ -4,7 +4,6 @@ training). Slow (minutes on 2 cores): marked slow + services."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest

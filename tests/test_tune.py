@@ -9,6 +9,7 @@ import math
 import pytest
 
 from shortcut_ray import tune as st
+from shortcut_ray import tune_space as ts
 from shortcut_ray.config import Config, ConfigError, apply_overrides
 from shortcut_ray.presets import get_preset
 
@@ -20,16 +21,16 @@ def _base(*overrides):
 # -- fast: parser -------------------------------------------------------------------------------------
 
 def test_parse_dim_kinds_and_field_types():
-    assert st.parse_dim("optim.lr=loguniform(1e-4, 1e-3)") == st.Dim("optim.lr", "loguniform", (1e-4, 1e-3))
-    assert st.parse_dim("optim.lr=uniform(1e-4,2e-4)").kind == "uniform"
-    d = st.parse_dim("objective.bootstrap_every=choice(2, 4,8)")
+    assert ts.parse_dim("optim.lr=loguniform(1e-4, 1e-3)") == ts.Dim("optim.lr", "loguniform", (1e-4, 1e-3))
+    assert ts.parse_dim("optim.lr=uniform(1e-4,2e-4)").kind == "uniform"
+    d = ts.parse_dim("objective.bootstrap_every=choice(2, 4,8)")
     assert d.values == (2, 4, 8) and all(type(v) is int for v in d.values)
-    assert st.parse_dim("ema.decay=grid(0.99,0.999)").values == (0.99, 0.999)
-    assert st.parse_dim("ema.eval_with_ema=choice(true,false)").values == (True, False)
-    assert st.parse_dim("optim.schedule=choice(constant,cosine)").values == ("constant", "cosine")
-    assert st.parse_dim("eval.fid_steps=choice([1,4],[1,2,8])").values == ((1, 4), (1, 2, 8))
-    assert st.parse_dim("train.max_steps=randint(10,20)").values == (10, 20)
-    assert st.parse_dim("optim.lr=choice(1e-4,1e-4)").values == (1e-4,)  # duplicates collapse
+    assert ts.parse_dim("ema.decay=grid(0.99,0.999)").values == (0.99, 0.999)
+    assert ts.parse_dim("ema.eval_with_ema=choice(true,false)").values == (True, False)
+    assert ts.parse_dim("optim.schedule=choice(constant,cosine)").values == ("constant", "cosine")
+    assert ts.parse_dim("eval.fid_steps=choice([1,4],[1,2,8])").values == ((1, 4), (1, 2, 8))
+    assert ts.parse_dim("train.max_steps=randint(10,20)").values == (10, 20)
+    assert ts.parse_dim("optim.lr=choice(1e-4,1e-4)").values == (1e-4,)  # duplicates collapse
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -48,76 +49,76 @@ def test_parse_dim_kinds_and_field_types():
 ])
 def test_parse_dim_errors_say_what_to_do(spec, match):
     with pytest.raises(ConfigError, match=match):
-        st.parse_dim(spec)
+        ts.parse_dim(spec)
 
 
 # -- fast: filtering against the config ---------------------------------------------------------------
 
 def test_bootstrap_every_filtered_by_config_validation():
-    d = st.validate_dim(_base(), st.parse_dim("objective.bootstrap_every=choice(2,4,8,16,32)"))
+    d = ts.validate_dim(_base(), ts.parse_dim("objective.bootstrap_every=choice(2,4,8,16,32)"))
     assert d.values == (2, 4, 8)  # 64 // 16 = 4 rows < 7 levels
     assert [v for v, _ in d.dropped] == [16, 32] and "global_batch" in d.dropped[0][1]
     # 2 workers: 64 // 3 = 21 bootstrap rows do not split evenly; randint becomes a filtered choice
-    r = st.validate_dim(_base(), st.parse_dim("objective.bootstrap_every=randint(2,10)"))
+    r = ts.validate_dim(_base(), ts.parse_dim("objective.bootstrap_every=randint(2,10)"))
     assert r.kind == "choice" and r.values == (2, 4, 5, 6, 8)
-    one = st.validate_dim(_base("train.num_workers=1"), st.parse_dim("objective.bootstrap_every=randint(2,10)"))
+    one = ts.validate_dim(_base("train.num_workers=1"), ts.parse_dim("objective.bootstrap_every=randint(2,10)"))
     assert (one.kind, one.values, one.dropped) == ("randint", (2, 10), ())  # all valid: stays a range
     with pytest.raises(ConfigError, match="no valid value"):
-        st.validate_dim(_base(), st.parse_dim("objective.bootstrap_every=choice(16,32)"))
+        ts.validate_dim(_base(), ts.parse_dim("objective.bootstrap_every=choice(16,32)"))
 
 
 def test_continuous_bounds_must_be_valid():
-    assert st.validate_dim(_base(), st.parse_dim("ema.decay=uniform(0.9,0.999)")).values == (0.9, 0.999)
+    assert ts.validate_dim(_base(), ts.parse_dim("ema.decay=uniform(0.9,0.999)")).values == (0.9, 0.999)
     with pytest.raises(ConfigError, match="bound 1.5"):
-        st.validate_dim(_base(), st.parse_dim("ema.decay=uniform(0.9,1.5)"))
+        ts.validate_dim(_base(), ts.parse_dim("ema.decay=uniform(0.9,1.5)"))
 
 
 def test_parse_space_checks_the_whole_list():
-    space = st.parse_space(["optim.lr=loguniform(1e-4,1e-3)", "objective.bootstrap_every=grid(4,8,16)"], _base())
+    space = ts.parse_space(["optim.lr=loguniform(1e-4,1e-3)", "objective.bootstrap_every=grid(4,8,16)"], _base())
     assert list(space) == ["optim.lr", "objective.bootstrap_every"]
     assert space["objective.bootstrap_every"].spec() == "grid(4,8)"
     with pytest.raises(ConfigError, match="twice"):
-        st.parse_space(["optim.lr=choice(1e-4)", "optim.lr=choice(2e-4)"], _base())
+        ts.parse_space(["optim.lr=choice(1e-4)", "optim.lr=choice(2e-4)"], _base())
 
 
 def test_default_space():
-    space = st.default_space(_base())
+    space = ts.default_space(_base())
     assert space["objective.bootstrap_every"].values == (2, 4, 8)
     assert space["ema.decay"].values == (0.99, 0.995)  # 1/(1-0.999) = 1000 > 1500/4 steps: dropped
-    assert st.default_space(_base("train.max_steps=100000"))["ema.decay"].values == st.EMA_DECAY_CANDIDATES
-    assert st.default_space(_base("train.max_steps=16"))["ema.decay"].values == (0.99, 0.995)  # at least two
-    assert list(st.default_space(_base("objective.train_type=flow_matching"))) == ["ema.decay"]
+    assert ts.default_space(_base("train.max_steps=100000"))["ema.decay"].values == ts.EMA_DECAY_CANDIDATES
+    assert ts.default_space(_base("train.max_steps=16"))["ema.decay"].values == (0.99, 0.995)  # at least two
+    assert list(ts.default_space(_base("objective.train_type=flow_matching"))) == ["ema.decay"]
 
 
 # -- fast: metric, ASHA budget, concurrency, trial config ---------------------------------------------
 
 def test_check_metric_turns_eval_on_and_rejects_unreportable_metrics():
-    assert st.check_metric(_base(), "eval/fd_pixel/N1").train.eval_every == 1500 // 4
-    assert st.check_metric(_base("train.eval_every=100"), "eval/fd_pixel/N1").train.eval_every == 100
-    assert st.check_metric(_base(), "loss").train.eval_every == 0
+    assert ts.check_metric(_base(), "eval/fd_pixel/N1").train.eval_every == 1500 // 4
+    assert ts.check_metric(_base("train.eval_every=100"), "eval/fd_pixel/N1").train.eval_every == 100
+    assert ts.check_metric(_base(), "loss").train.eval_every == 0
     with pytest.raises(ConfigError, match="fid_weights"):
-        st.check_metric(_base(), "eval/fid/N1")
+        ts.check_metric(_base(), "eval/fid/N1")
     with pytest.raises(ConfigError, match="fid_steps"):
-        st.check_metric(_base(), "eval/fd_pixel/N2")
+        ts.check_metric(_base(), "eval/fd_pixel/N2")
 
 
 def test_asha_grace_period_lands_on_report_steps():
-    assert st.asha_grace_period(_base("train.eval_every=375"), "eval/fd_pixel/N1") == 375
-    assert st.asha_grace_period(_base("train.eval_every=50"), "eval/fd_pixel/N1") == 200  # ~1500/8, x50
-    assert st.asha_grace_period(_base("train.max_steps=16", "train.eval_every=8"), "eval/fd_pixel/N1") == 8
-    assert st.asha_grace_period(_base("train.checkpoint_every=500"), "loss") == 500
+    assert ts.asha_grace_period(_base("train.eval_every=375"), "eval/fd_pixel/N1") == 375
+    assert ts.asha_grace_period(_base("train.eval_every=50"), "eval/fd_pixel/N1") == 200  # ~1500/8, x50
+    assert ts.asha_grace_period(_base("train.max_steps=16", "train.eval_every=8"), "eval/fd_pixel/N1") == 8
+    assert ts.asha_grace_period(_base("train.checkpoint_every=500"), "loss") == 500
 
 
 def test_max_concurrent_trials():
     t = _base("train.num_workers=1", "train.cpus_per_worker=0.5").train
-    assert st.max_concurrent_trials({"CPU": 2.0, "train_driver": 2.0}, t) == 2  # 1 CPU left to Ray Data
-    assert st.max_concurrent_trials({"CPU": 2.0, "train_driver": 1.0}, t) == 1
-    assert st.max_concurrent_trials({"CPU": 2.0}, t, driver_cpus=0.01) == 1
+    assert ts.max_concurrent_trials({"CPU": 2.0, "train_driver": 2.0}, t) == 2  # 1 CPU left to Ray Data
+    assert ts.max_concurrent_trials({"CPU": 2.0, "train_driver": 1.0}, t) == 1
+    assert ts.max_concurrent_trials({"CPU": 2.0}, t, driver_cpus=0.01) == 1
     g = _base("train.num_workers=2", "train.use_gpu=true", "train.cpus_per_worker=4").train
-    assert st.max_concurrent_trials({"CPU": 64.0, "GPU": 8.0}, g) == 4
-    assert st.max_concurrent_trials({"CPU": 20.0, "GPU": 8.0}, g) == 2
+    assert ts.max_concurrent_trials({"CPU": 64.0, "GPU": 8.0}, g) == 4
+    assert ts.max_concurrent_trials({"CPU": 20.0, "GPU": 8.0}, g) == 2
     with pytest.raises(ConfigError, match="cluster has"):
-        st.max_concurrent_trials({"CPU": 1.0}, t)
+        ts.max_concurrent_trials({"CPU": 1.0}, t)
 
 
 def test_trial_config_applies_sampled_values_and_identity():
@@ -133,13 +134,13 @@ def test_trial_config_applies_sampled_values_and_identity():
 
 def test_param_space_per_search_algorithm():
     pytest.importorskip("ray.tune")
-    space = st.parse_space(["objective.bootstrap_every=choice(2,4)", "ema.decay=grid(0.99,0.995)"], _base())
-    rnd = st.param_space(space, "random")
+    space = ts.parse_space(["objective.bootstrap_every=choice(2,4)", "ema.decay=grid(0.99,0.995)"], _base())
+    rnd = ts.param_space(space, "random")
     assert type(rnd["objective.bootstrap_every"]).__name__ == "Categorical" and "grid_search" in rnd["ema.decay"]
-    assert "grid_search" in st.param_space(space, "grid")["objective.bootstrap_every"]
+    assert "grid_search" in ts.param_space(space, "grid")["objective.bootstrap_every"]
     with pytest.raises(ConfigError, match="discrete"):
-        st.param_space({"optim.lr": st.parse_dim("optim.lr=uniform(1e-4,1e-3)")}, "grid")
-    assert st.expected_trials(space, "random", 3) == 6 and st.expected_trials(space, "grid", 1) == 4
+        ts.param_space({"optim.lr": ts.parse_dim("optim.lr=uniform(1e-4,1e-3)")}, "grid")
+    assert ts.expected_trials(space, "random", 3) == 6 and ts.expected_trials(space, "grid", 1) == 4
 
 
 def test_tune_config_limits_concurrency_and_sets_asha_rungs():
