@@ -95,11 +95,15 @@ def decode_batch(batch: dict[str, np.ndarray], *, kind: str, channels: int, imag
 
 
 def build_dataset(data_cfg: DataConfig, uri: str, seed: int):
-    """The training `ray.data.Dataset`: shards in a new file order every epoch, decoded to the batch schema.
+    """The training `ray.data.Dataset`: shards in a new file order every epoch, decoded to the batch
+    schema and streamed in blocks of one decode batch.
 
     File order comes from FileShuffleConfig(seed) with reseed_after_execution, so each execution
     (epoch) reshuffles; the rows inside a shard are mixed further by `batches`' local shuffle buffer
-    (RAY_NOTES §2, shuffling options). Nothing is materialised: each epoch re-reads and re-decodes.
+    (RAY_NOTES §2, shuffling options). Nothing is materialised: each epoch re-reads and re-decodes
+    (fresh flips, fresh latent noise). The output block size is set to one decode batch: with Ray's
+    default 128 MiB target a decode task emitted its whole input as one block, so an epoch's first
+    batch waited for the whole epoch's decode (bench/data_throughput.py measured it).
     """
     import ray.data
 
@@ -125,11 +129,13 @@ def build_dataset(data_cfg: DataConfig, uri: str, seed: int):
     # ~32 MB of float32 output per decode task keeps object-store blocks moderate at 256 px RGB.
     per_row = 4 * data_cfg.channels * data_cfg.image_size ** 2
     rows = max(16, min(1024, (32 << 20) // per_row))
-    return ds.map_batches(
+    ds = ds.map_batches(
         decode_batch, batch_format="numpy", batch_size=rows,
         fn_kwargs={"kind": data_cfg.kind, "channels": data_cfg.channels, "image_size": data_cfg.image_size,
                    "random_flip": data_cfg.random_flip, "latent_scale": data_cfg.latent_scale,
                    "latent_shape": info.get("latent_shape")})
+    ds.context.target_max_block_size = max(1 << 20, rows * per_row)  # one block per decode batch: streams
+    return ds
 
 
 def batches(shard, local_batch: int, data_cfg: DataConfig, device=None) -> Iterator[tuple[Any, Any]]:

@@ -211,6 +211,20 @@ def test_ray_read_decode_batches(ray_session, digits_uri):
 
 
 @pytest.mark.slow
+def test_decode_streams_in_blocks_of_one_decode_batch(ray_session, tmp_path):
+    # One shard of 4096 16x16 images = 4 MiB decoded, 4 decode batches of 1024 rows. With Ray's default
+    # 128 MiB target block size the decode task emitted it as one block, so a worker's first batch of
+    # an epoch waited for the whole shard's decode.
+    uri = str(tmp_path / "one-shard")
+    img = shards.png_bytes(np.zeros((16, 16), np.uint8))
+    shards.write_shards({"image": [img] * 4096, "label": np.zeros(4096, np.int64)}, uri, 4096,
+                        {"kind": "pixels", "image_size": 16, "channels": 1, "num_classes": 1})
+    cfg = DataConfig(source="parquet", uri=uri, image_size=16, num_classes=1)
+    blocks = data.build_dataset(cfg, uri, seed=0).materialize()
+    assert blocks.count() == 4096 and blocks.num_blocks() >= 3
+
+
+@pytest.mark.slow
 def test_epoch_split_over_two_consumers_visits_each_row_once(ray_session, tmp_path):
     # 64 rows with unique labels (= row ids) in 8 shards, so the split is checkable exactly.
     uri = str(tmp_path / "ids")
