@@ -14,7 +14,8 @@ Three measurements in one process, on a local Ray cluster (`ray.init(num_cpus=--
      time to the first batch (the pipeline start-up every epoch pays) and the steady rate after it;
   2. trainer alone: images/s of `TrainState.step_on` on one fixed batch of the same config (median of
      --train-steps steps, device synchronised);
-  3. both together, the way worker.Runner.run does it: `next(iterator)` timed as data wait, then
+  3. both together, the way worker.Runner.run does it: `data.EpochStream.next()` (data.readahead_mb of
+     batches read ahead across epochs by a thread; 0 = inline) timed as data wait, then
      `step_on`, no per-step device sync, for --loop-steps steps (crossing epochs): data_wait_frac =
      wait / wall, the quantity the worker logs as perf/data_wait_frac.
 The headroom = pipeline epoch rate (rows / epoch seconds, start-up included) / trainer images/s says whether
@@ -150,12 +151,12 @@ def main(argv=None) -> int:
         loop_steps = args.loop_steps or max(20, 2 * (info["count"] // batch))
         waits, steps_done, epochs_started = [], 0, 0
         t_start = time.perf_counter()
+        stream = data.EpochStream(shard, batch, cfg.data, device)  # what Runner.run reads from
         while steps_done < loop_steps:
-            it = data.batches(shard, batch, cfg.data, device)
             epochs_started += 1
             while steps_done < loop_steps:
                 t0 = time.perf_counter()
-                b = next(it, None)
+                b = stream.next()
                 waits.append(time.perf_counter() - t0)
                 if b is None:
                     break
@@ -164,8 +165,8 @@ def main(argv=None) -> int:
         if gpu:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t_start
-        it.close()  # end the half-read epoch while Ray is up (else its finaliser auto-starts a new Ray)
-        del it
+        stream.close()
+        del stream
         wait = sum(waits)
         payload["trainer"] = {"step_time_s": stats(t), "images_per_s": trainer_ips}
         # The epoch rate (start-up included) is what a trainer sees; the rate after the first batch can be far

@@ -6,7 +6,7 @@ Decoded batch schema (what every Train worker sees, defined once in `decode_batc
 z = (mean + exp(logvar / 2) * noise) * latent_scale -- and `label` int64 (B,).
 
 The driver calls `resolve_dataset` (which may write a cached built-in dataset) and `build_dataset`;
-Train workers only call `batches` on their `ray.train.get_dataset_shard("train")`. Ray is imported
+Train workers only read their `ray.train.get_dataset_shard("train")` through `EpochStream` (or `batches`). Ray is imported
 inside the functions that need it.
 """
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import queue
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -152,3 +154,87 @@ def batches(shard, local_batch: int, data_cfg: DataConfig, device=None) -> Itera
         device="auto" if device is None else device)
     for b in it:
         yield b["image"], b["label"]
+
+
+class EpochStream:
+    """Successive epochs of `batches`, read ahead by a background thread across epoch boundaries.
+
+    Every epoch of a Ray Data shard is a new execution whose first batch takes seconds (executor
+    start-up; the split coordinator only starts it once every rank has asked for the next epoch). A
+    thread that drains epoch e into a bounded queue asks for epoch e+1 while the trainer still works
+    through e's queued batches, so that start-up overlaps training instead of stalling it.
+    `next()` returns (x, y), or None once at the end of each epoch. The queue holds at most
+    data.readahead_mb MiB of batches (at least prefetch_batches) and the reader stays at most one
+    epoch ahead, so Ray Data does no more work than inline reading, only earlier (running executions
+    back to back took the CPU from a CPU trainer); readahead_mb = 0 reads inline, one epoch at a time.
+    """
+
+    _END = object()
+
+    def __init__(self, shard, local_batch: int, data_cfg: DataConfig, device=None):
+        self._args = (shard, local_batch, data_cfg, device)
+        self._inline = None
+        self._stop = threading.Event()
+        if data_cfg.readahead_mb <= 0:
+            self._thread = None
+            return
+        row_bytes = 4 * data_cfg.channels * data_cfg.image_size ** 2
+        depth = max(data_cfg.prefetch_batches, 1, (data_cfg.readahead_mb << 20) // (row_bytes * local_batch))
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._ends, self._ends_queued = threading.Condition(), 0  # epoch ends queued, not yet taken
+        self._thread = threading.Thread(target=self._fill, name="shortcut-ray-readahead", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for b in batches(*self._args):
+                    if not self._put(b):
+                        return
+                with self._ends:
+                    self._ends_queued += 1
+                if not self._put(self._END):
+                    return
+                with self._ends:  # at most one epoch ahead: never run Ray Data executions back to back
+                    while self._ends_queued > 1 and not self._stop.is_set():
+                        self._ends.wait(0.2)
+        except BaseException as e:  # noqa: BLE001 - handed to the trainer's thread, raised there
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self):
+        if self._thread is None:  # inline: one epoch's generator at a time
+            if self._inline is None:
+                self._inline = batches(*self._args)
+            b = next(self._inline, None)
+            if b is None:
+                self._inline = None
+            return b
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is self._END:
+            with self._ends:
+                self._ends_queued -= 1
+                self._ends.notify()
+            return None
+        return item
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop reading ahead. The thread ends at its next queue put, dropping (closing) its Ray
+        iterator while Ray is still up; one blocked in Ray (e.g. on the next epoch's barrier, which
+        a finished rank never joins) is left behind after timeout_s: it is a daemon."""
+        self._stop.set()
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
+        if self._thread is not None:
+            self._thread.join(timeout_s)

@@ -109,13 +109,13 @@ class Runner:
         last = cfg.train.max_steps
         flops_img = self._flops_per_image()
         t_log, steps_since, wait = time.perf_counter(), 0, 0.0
+        stream = data.EpochStream(shard, st.local_batch, cfg.data, self.device)
         try:
             while st.step < last:
-                it = data.batches(shard, st.local_batch, cfg.data, self.device)
                 steps_this_epoch = 0
                 while st.step < last:
                     t0 = time.perf_counter()
-                    batch = next(it, None)
+                    batch = stream.next()
                     wait += time.perf_counter() - t0
                     if batch is None:  # end of the epoch: Ray Data reshuffles files for the next one
                         self.epoch += 1
@@ -145,6 +145,8 @@ class Runner:
         except BaseException:
             self.tracker.end("FAILED")
             raise
+        finally:
+            stream.close()
 
     def _flops_per_image(self) -> float:
         """Training FLOPs per image: 3x forward for the online pass (fwd + bwd) plus the teacher's

@@ -12,6 +12,7 @@ import io
 import os
 import struct
 import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -182,6 +183,96 @@ def test_filesystem_resolution(monkeypatch, tmp_path):
 
 
 # -- real Ray Data -------------------------------------------------------------------------------
+
+class FakeShard:
+    """Stands in for a Ray DataIterator: `epochs` epochs of `n` batches whose label is (epoch, index);
+    records how many batches the consumer had taken when each epoch's iteration began."""
+
+    def __init__(self, n: int, fail_in_epoch: int | None = None):
+        self.n, self.fail_in_epoch = n, fail_in_epoch
+        self.epoch, self.consumed, self.started_at = 0, 0, []
+
+    def iter_torch_batches(self, batch_size, drop_last, local_shuffle_buffer_size, prefetch_batches, device):
+        import torch
+
+        e = self.epoch
+        self.epoch += 1
+        self.started_at.append(self.consumed)
+        for i in range(self.n):
+            if e == self.fail_in_epoch:
+                raise RuntimeError("shard read failed")
+            yield {"image": torch.full((batch_size, 1, 2, 2), float(i)), "label": torch.tensor([e * 100 + i])}
+
+
+def _take_epochs(stream, shard, epochs: int) -> list:
+    out = []
+    while len(out) < epochs:
+        epoch = []
+        while (b := stream.next()) is not None:
+            shard.consumed += 1
+            epoch.append(int(b[1]))
+        out.append(epoch)
+    return out
+
+
+@pytest.mark.parametrize("readahead_mb", [0, 1])
+def test_epoch_stream_yields_each_epoch_then_none(readahead_mb):
+    shard = FakeShard(5)
+    cfg = DataConfig(image_size=2, channels=1, readahead_mb=readahead_mb)
+    stream = data.EpochStream(shard, 1, cfg)
+    assert _take_epochs(stream, shard, 3) == [[e * 100 + i for i in range(5)] for e in range(3)]
+    stream.close()
+
+
+def test_epoch_stream_starts_the_next_epoch_while_this_one_is_consumed():
+    shard = FakeShard(10)
+    ahead = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=1))
+    assert ahead.next() is not None
+    deadline = time.monotonic() + 30
+    while len(shard.started_at) < 2:  # epoch 1 begins while the trainer has taken 1 of epoch 0's 10 batches
+        assert time.monotonic() < deadline, "the read-ahead thread never started the next epoch"
+        time.sleep(0.01)
+    assert shard.started_at[1] == 0  # (the fake counts only what _take_epochs consumed)
+    time.sleep(0.5)
+    assert len(shard.started_at) == 2  # never more than one epoch ahead
+    assert all(ahead.next() is not None for _ in range(9))  # the rest of epoch 0 ...
+    assert len(shard.started_at) == 2
+    assert ahead.next() is None  # ... and its end
+    deadline = time.monotonic() + 30
+    while len(shard.started_at) < 3:  # the trainer is in epoch 1 now: epoch 2 may be read
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ahead.close()
+    # Inline (readahead 0): the next epoch begins only once this one is exhausted.
+    shard = FakeShard(10)
+    inline = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=0))
+    _take_epochs(inline, shard, 1)
+    assert shard.started_at == [0]
+    inline.next()
+    assert shard.started_at == [0, 10]
+
+
+def test_epoch_stream_is_bounded_and_reraises_reader_errors():
+    # 1 MiB of (1024, 1, 16, 16) float32 batches (1 MiB each): the queue holds prefetch_batches = 2.
+    shard = FakeShard(50)
+    cfg = DataConfig(image_size=16, channels=1, readahead_mb=1, prefetch_batches=2)
+    stream = data.EpochStream(shard, 1024, cfg)
+    deadline = time.monotonic() + 30
+    while stream._queue.qsize() < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    # Full: the reader holds one more batch, waiting to put it; nothing else is read ahead.
+    assert stream._queue.maxsize == 2 and stream._queue.qsize() == 2 and shard.started_at == [0]
+    assert _take_epochs(stream, shard, 1) == [list(range(50))]  # and nothing was lost
+    stream.close()
+    shard = FakeShard(3, fail_in_epoch=1)
+    stream = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=1))
+    assert _take_epochs(stream, shard, 1) == [[0, 1, 2]]
+    with pytest.raises(RuntimeError, match="shard read failed"):
+        stream.next()
+    stream.close()
+
 
 @pytest.fixture(scope="module")
 def ray_session():
