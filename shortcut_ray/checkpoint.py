@@ -26,6 +26,18 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from .config import Config
 
 STATE_FILE = "state.json"
+DIR_PREFIX = "checkpoint_"
+
+
+def dir_name(step: int) -> str:
+    """The run-storage directory of the checkpoint taken after `step` steps."""
+    return f"{DIR_PREFIX}{step:07d}"
+
+
+def step_of(name: str) -> int | None:
+    """Inverse of `dir_name` (None for other names)."""
+    rest = name[len(DIR_PREFIX):] if name.startswith(DIR_PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
 
 
 def _distributed() -> bool:

@@ -6,8 +6,8 @@ Decoded batch schema (what every Train worker sees, defined once in `decode_batc
 z = (mean + exp(logvar / 2) * noise) * latent_scale -- and `label` int64 (B,).
 
 The driver calls `resolve_dataset` (which may write a cached built-in dataset) and `build_dataset`;
-Train workers only read their `ray.train.get_dataset_shard("train")` through `EpochStream` (or `batches`). Ray is imported
-inside the functions that need it.
+Train workers only read their `ray.train.get_dataset_shard("train")` through `EpochStream` (or
+`batches`). Ray is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -96,6 +96,11 @@ def decode_batch(batch: dict[str, np.ndarray], *, kind: str, channels: int, imag
     return {"image": x, "label": label}
 
 
+def decoded_row_bytes(data_cfg: DataConfig) -> int:
+    """Bytes of one decoded row: float32 (C, H, W)."""
+    return 4 * data_cfg.channels * data_cfg.image_size ** 2
+
+
 def build_dataset(data_cfg: DataConfig, uri: str, seed: int):
     """The training `ray.data.Dataset`: shards in a new file order every epoch, decoded to the batch
     schema and streamed in blocks of one decode batch.
@@ -111,12 +116,12 @@ def build_dataset(data_cfg: DataConfig, uri: str, seed: int):
 
     info = dataset_info(uri)
     check_matches(info, data_cfg, uri)
-    fs, _ = filesystem(uri)
+    fs, root = filesystem(uri)
     if is_local_fs(fs):
         import pyarrow.fs as pafs
 
         read_fs = pafs.LocalFileSystem()
-        paths = [os.path.join(filesystem(uri)[1], s["file"]) for s in info["shards"]]
+        paths = [os.path.join(root, s["file"]) for s in info["shards"]]
     else:  # fsspec FS: Ray wraps it in a pyarrow PyFileSystem (RAY_NOTES §2)
         read_fs = fs
         paths = [join_uri(uri, s["file"]) for s in info["shards"]]
@@ -129,7 +134,7 @@ def build_dataset(data_cfg: DataConfig, uri: str, seed: int):
     ds = ray.data.read_parquet(paths, filesystem=read_fs, shuffle=ray.data.FileShuffleConfig(seed=seed))
     ds = ds.select_columns(columns)  # pushed down into the read (`columns=` is deprecated in 2.60)
     # ~32 MB of float32 output per decode task keeps object-store blocks moderate at 256 px RGB.
-    per_row = 4 * data_cfg.channels * data_cfg.image_size ** 2
+    per_row = decoded_row_bytes(data_cfg)
     rows = max(16, min(1024, (32 << 20) // per_row))
     ds = ds.map_batches(
         decode_batch, batch_format="numpy", batch_size=rows,
@@ -178,8 +183,8 @@ class EpochStream:
         if data_cfg.readahead_mb <= 0:
             self._thread = None
             return
-        row_bytes = 4 * data_cfg.channels * data_cfg.image_size ** 2
-        depth = max(data_cfg.prefetch_batches, 1, (data_cfg.readahead_mb << 20) // (row_bytes * local_batch))
+        batch_bytes = decoded_row_bytes(data_cfg) * local_batch
+        depth = max(data_cfg.prefetch_batches, 1, (data_cfg.readahead_mb << 20) // batch_bytes)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._ends, self._ends_queued = threading.Condition(), 0  # epoch ends queued, not yet taken
         self._thread = threading.Thread(target=self._fill, name="shortcut-ray-readahead", daemon=True)

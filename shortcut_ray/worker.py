@@ -234,7 +234,7 @@ class Runner:
     def _checkpoint(self, step: int, metrics: dict, report: dict) -> None:
         import ray.train
 
-        name = f"checkpoint_{step:07d}"
+        name = checkpoint.dir_name(step)
         uri = f"{self.checkpoint_root.rstrip('/')}/{name}" if self.checkpoint_root else name
         self.checkpoints = (self.checkpoints + [uri])[-50:]
         tmp = tempfile.mkdtemp(prefix="shortcut-ckpt-")
@@ -263,8 +263,7 @@ def _warn_uncommitted(step: int) -> None:
     except Exception:  # noqa: BLE001 - a diagnostic only; never block a resume on it
         return
     newer = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith("checkpoint_") and i.base_name[11:].isdigit()
-                   and int(i.base_name[11:]) > step)
+                   and (checkpoint.step_of(i.base_name) or 0) > step)
     if newer:
         _say(f"[shortcut-ray] note: {', '.join(newer)} in storage was never committed by Ray Train (the job "
              f"stopped while reporting it); continuing from the last committed checkpoint, step {step}")

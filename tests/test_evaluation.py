@@ -49,6 +49,11 @@ def test_fid_path_with_a_torchscript_feature_network(tmp_path):
     assert report["inception"].startswith("tiny.pt")
 
 
+def test_checkpoint_dir_names_round_trip():
+    assert checkpoint.dir_name(20) == "checkpoint_0000020" and checkpoint.step_of("checkpoint_0000020") == 20
+    assert checkpoint.step_of("checkpoint_manager_snapshot.json") is None and checkpoint.step_of("x_1") is None
+
+
 def test_sample_job_from_a_checkpoint(tmp_path):
     from jobs.sample import main
 
