@@ -132,11 +132,14 @@ class Runner:
                     if _due(cfg.train.sample_every, step, last):
                         self._sample_grids(step)
                     report = {"step": step, "epoch": self.epoch}
-                    if _due(cfg.train.eval_every, step, last):
-                        report.update(self._evaluate(step))
+                    eval_due = _due(cfg.train.eval_every, step, last)
+                    if eval_due:
+                        report.update(self._evaluate(step))  # eval/* metrics on rank 0 only
+                    # ray.train.report is a barrier (DESIGN §2.14): decide from the config, which every
+                    # rank shares, never from the metrics, which only rank 0 holds.
                     if _due(cfg.train.checkpoint_every, step, last):
                         self._checkpoint(step, metrics, report)
-                    elif len(report) > 2:  # eval results reach Ray (and Tune) even between checkpoints
+                    elif eval_due:  # eval results reach Ray (and Tune) even between checkpoints
                         ray.train.report({**report, "loss": float(metrics["loss"])}, checkpoint=None)
                 if steps_this_epoch == 0 and st.step < last:
                     raise ValueError(f"the dataset yields no full batch of {st.local_batch} rows per worker; "
