@@ -49,11 +49,15 @@ def is_complete(path: str) -> bool:
 
 
 def save(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-         cfg: Config, extra: dict | None = None, rank: int = 0) -> str:
-    """Write a checkpoint into the empty/new directory `path` (every rank calls this)."""
+         cfg: Config, extra: dict | None = None, rank: int = 0, modules: dict[str, nn.Module] | None = None) -> str:
+    """Write a checkpoint into the empty/new directory `path` (every rank calls this).
+
+    modules: further named modules stored beside the student (TrainState.checkpoint_modules(), e.g.
+    progressive distillation's current teacher under 'teacher' / 'teacher_ema')."""
     os.makedirs(path, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema)}
+    state.update({key: get_model_state_dict(m) for key, m in (modules or {}).items()})
     dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
     if rank == 0:
         meta = {"step": step, "config": cfg.to_dict(), **(extra or {})}
@@ -78,16 +82,35 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
-def load(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, EMA and optimiser in place (any world size: DCP reshards); returns state.json."""
+def load(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+         modules: dict[str, nn.Module] | None = None) -> dict:
+    """Restore model, EMA, optimiser and the named `modules` (see save) in place (any world size: DCP
+    reshards); returns state.json."""
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete shortcut-ray checkpoint (no {STATE_FILE} or .metadata)")
+    modules = modules or {}
+    _require_entries(path, list(modules))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema)}
+    state.update({key: get_model_state_dict(m) for key, m in modules.items()})
     dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     set_model_state_dict(ema, state["ema"])
+    for key, m in modules.items():
+        set_model_state_dict(m, state[key])
     return read_state(path)
+
+
+def _require_entries(path: str, keys: list[str]) -> None:
+    """A clear error when the checkpoint lacks a module the run needs (e.g. a PD stage teacher)."""
+    if not keys:
+        return
+    stored = {k.split(".", 1)[0] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata}
+    missing = [k for k in keys if k not in stored]
+    if missing:
+        raise ValueError(f"checkpoint {path} has no {missing} weights (it holds {sorted(stored)}): it was not "
+                         f"written by a run of this method, so it cannot be resumed as one; start from it with "
+                         f"objective.teacher_checkpoint instead, or resume from a checkpoint of this run")
 
 
 def load_for_inference(path: str, weights: str = "auto") -> tuple[nn.Module, Config, dict]:

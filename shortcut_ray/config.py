@@ -78,6 +78,11 @@ class ObjectiveConfig:
     """Clip of the intermediate x' and of the bootstrap target (§2.5)."""
     eps: float = 1e-5
     """sigma_min of x_t = (1-(1-eps)t) x0 + t x1."""
+    teacher_checkpoint: str = ""
+    """Distillation teacher (consistency_distillation, progressive; ALGORITHM §6.3, §6.4): a checkpoint
+    directory of a flow-matching run (local path or gs://.../checkpoint_NNNNNNN) with the same model
+    shape, image size, channels and classes. The student also starts from it (params + EMA, fresh
+    optimiser, step 0). Checked on the driver by teacher.check_teacher; must be empty for other methods."""
 
     def __post_init__(self) -> None:
         from_registry = ("shortcut", "flow_matching")

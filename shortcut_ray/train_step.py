@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from .ema import make_ema, update_ema
 from .model import build_model
 from .objective import FlowMatchingObjective, build_objective
 from .optim import build_optimizer, lr_at, set_lr
+
+if TYPE_CHECKING:
+    from .teacher import DistillTeacher
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -40,6 +44,8 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     step: int = 0
+    distill: "DistillTeacher | None" = None
+    """Frozen distillation teacher (teacher.attach; CD / PD only), None otherwise."""
 
     @classmethod
     def create(cls, cfg: Config, device: torch.device | str = "cpu") -> "TrainState":
@@ -74,14 +80,22 @@ class TrainState:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step_on(self, x1: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimiser step on this rank's slice of the global batch; returns device-side metrics."""
+    def step_on(self, x1: torch.Tensor, y: torch.Tensor, x0: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One optimiser step on this rank's slice of the global batch; returns device-side metrics.
+
+        x0: the stored noise of a paired dataset (data.split_paired), for objectives with `uses_pairs`."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
         set_lr(self.optimizer, lr)
         gen = step_generator(cfg.train.seed, self.step, self.rank, self.device)
+        if self.distill is not None:  # PD: the teacher becomes the student's copy at a stage switch
+            self.distill.before_step(self.step, self.model, self.ema)
+        if x0 is not None and not getattr(self.objective, "uses_pairs", False):
+            raise ValueError(f"the batch carries stored noise x0 (a paired dataset, ALGORITHM §6.6) but "
+                             f"objective.train_type={cfg.objective.train_type!r} does not train on pairs")
+        pair = {"x0": x0} if x0 is not None else {}  # paired objectives take the stored coupling's noise
         with self.autocast():
-            out = self.objective.loss(self.model, self.teacher, x1, y, gen)
+            out = self.objective.loss(self.model, self.teacher, x1, y, gen, **pair)
         out.loss.backward()
         # The official recipe does not clip (pitfall 24); the norm is still computed for logging,
         # without the extra pass over every gradient that clip_grad_norm_(inf) would make.
@@ -96,6 +110,10 @@ class TrainState:
         metrics = dict(out.metrics)
         metrics["grad_norm"] = _full(grad_norm)  # (lr is a host value: the worker logs it from lr_at)
         return metrics
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        """Modules saved and restored with the student besides model/EMA/optimiser (PD's stage teacher)."""
+        return self.distill.checkpoint_modules() if self.distill is not None else {}
 
     def param_norm(self) -> torch.Tensor:
         sq = sum(_full(p.detach()).float().pow(2).sum() for p in self.model.parameters())

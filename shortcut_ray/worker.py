@@ -25,6 +25,7 @@ from .distributed import all_gather_rows, all_reduce_mean
 from .model import flops_per_forward
 from .optim import lr_at
 from .sampler import fixed_noise, sample
+from .teacher import attach as attach_teacher
 from .tracking import NullTracker, create_tracker, image_grid
 from .train_step import TrainState
 
@@ -48,6 +49,7 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.state = TrainState.create(self.cfg, self.device)
+        attach_teacher(self.state)  # CD / PD: frozen teacher + student from its checkpoint (teacher.py)
         self.epoch = 0
         meta = self._restore(loop_config.get("resume_from", ""))
         self.tracker = create_tracker(self.cfg.tracking, self.rank) if self.cfg.tracking.enabled else NullTracker()
@@ -74,7 +76,8 @@ class Runner:
         if ckpt is None:
             return {}
         with ckpt.as_directory() as d:
-            meta = checkpoint.load(d, self.state.model, self.state.ema, self.state.optimizer)
+            meta = checkpoint.load(d, self.state.model, self.state.ema, self.state.optimizer,
+                                   modules=self.state.checkpoint_modules())
         self.state.step, self.epoch = int(meta["step"]), int(meta.get("epoch", 0))
         if self.rank == 0:
             _say(f"[shortcut-ray] resumed {self.run_name} at step {self.state.step} from {ckpt.path}")
@@ -244,7 +247,8 @@ class Runner:
         try:
             checkpoint.save(tmp, self.state.model, self.state.ema, self.state.optimizer, step, self.cfg,
                             extra={"epoch": self.epoch, "mlflow_run_id": self.run_id, "run_name": self.run_name,
-                                   "checkpoints": self.checkpoints}, rank=self.rank)
+                                   "checkpoints": self.checkpoints}, rank=self.rank,
+                            modules=self.state.checkpoint_modules())
             ray.train.report({**report, "loss": float(metrics["loss"])},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         finally:
@@ -327,7 +331,7 @@ def evaluate_loop_per_worker(loop_config: dict) -> None:
         meta = checkpoint.load(d, state.model, state.ema, state.optimizer)
     ev = Evaluator(cfg, device, rank, world)
     real, seen = [], 0
-    for x, _ in data.batches(ray.train.get_dataset_shard("train"), state.local_batch, cfg.data, device):
+    for x, *_ in data.batches(ray.train.get_dataset_shard("train"), state.local_batch, cfg.data, device):
         real.append(x.float().cpu())
         seen += x.shape[0]
         if seen >= ev.samples_per_rank:
