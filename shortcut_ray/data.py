@@ -3,7 +3,9 @@ batch iterator. The shard format itself (and the built-in datasets) live in `sha
 
 Decoded batch schema (what every Train worker sees, defined once in `decode_batch`):
 `image` float32 (B, C, H, W) -- pixels scaled to [-1, 1], or latents sampled as
-z = (mean + exp(logvar / 2) * noise) * latent_scale -- and `label` int64 (B,).
+z = (mean + exp(logvar / 2) * noise) * latent_scale -- and `label` int64 (B,). Paired (reflow)
+datasets add `x0` float32 (B, C, H, W), the stored noise whose teacher sample is `image`; their
+iterators yield (x1, y, x0) instead of (x1, y): unpack any batch with `split_paired`.
 
 The driver calls `resolve_dataset` (which may write a cached built-in dataset) and `build_dataset`;
 Train workers only read their `ray.train.get_dataset_shard("train")` through `EpochStream` (or
@@ -23,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from shortcut_ray.config import ConfigError, DataConfig
-from shortcut_ray.shards import (PIL_MODES, dataset_info, digits_dataset, fashion_mnist_dataset, filesystem,
-                                 is_local_fs, join_uri)
+from shortcut_ray.shards import (PIL_MODES, bytes_array, dataset_info, digits_dataset, fashion_mnist_dataset,
+                                 filesystem, is_local_fs, join_uri)
 
 
 # -- config -> dataset ---------------------------------------------------------------------------
@@ -40,6 +42,9 @@ def check_matches(info: Mapping[str, Any], data_cfg: DataConfig, uri: str) -> No
                 + (" (and a model.patch_size dividing it)" if key == "image_size" else "")
                 + (f", or rewrite the data with jobs.prepare_data --image-size {want}"
                    if key == "image_size" and data_cfg.source == "parquet" else ""))
+    if info.get("paired") and data_cfg.random_flip:
+        raise ConfigError(f"dataset {uri} is a paired (reflow) dataset: flipping x1 without its noise x0 breaks "
+                          f"the stored coupling; use `--set data.random_flip=false`")
     scale = info.get("latent_scale")  # the VAE's own scaling_factor (SD: 0.18215, SDXL: 0.13025)
     if info["kind"] == "latents" and scale and not math.isclose(scale, data_cfg.latent_scale, rel_tol=1e-4):
         raise ConfigError(f"dataset {uri} was encoded by {info.get('vae')} whose latent scale is {scale}, "
@@ -59,10 +64,19 @@ def resolve_dataset(data_cfg: DataConfig) -> str:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, kind: str, channels: int, image_size: int,
-                 random_flip: bool, latent_scale: float, latent_shape=None) -> dict[str, np.ndarray]:
-    """Shard rows -> {"image": float32 (B, C, H, W), "label": int64 (B,)}; runs inside Ray Data tasks."""
+                 random_flip: bool, latent_scale: float, latent_shape=None,
+                 pair_dtype: str | None = None) -> dict[str, np.ndarray]:
+    """Shard rows -> {"image": float32 (B, C, H, W), "label": int64 (B,)}; runs inside Ray Data tasks.
+
+    pair_dtype (paired datasets): rows hold x0 / x1 arrays, decoded as they are (no flip, no latent
+    sampling: x1 is already a model-space sample) to {"image": x1, "label", "x0"}."""
     rng = np.random.default_rng()  # fresh entropy per batch: new flips/latent noise every epoch
     n = len(batch["label"] if "label" in batch else batch[next(iter(batch))])
+    if pair_dtype is not None:
+        shape = (channels, image_size, image_size)
+        label = np.asarray(batch["label"], np.int64) if "label" in batch else np.zeros(n, np.int64)
+        return {"image": bytes_array(batch["x1"], pair_dtype, shape), "label": label,
+                "x0": bytes_array(batch["x0"], pair_dtype, shape)}
     if kind == "pixels":
         from PIL import Image
 
@@ -125,7 +139,10 @@ def build_dataset(data_cfg: DataConfig, uri: str, seed: int):
     else:  # fsspec FS: Ray wraps it in a pyarrow PyFileSystem (RAY_NOTES §2)
         read_fs = fs
         paths = [join_uri(uri, s["file"]) for s in info["shards"]]
-    if data_cfg.kind == "pixels":
+    paired = bool(info.get("paired"))
+    if paired:
+        columns = ["x0", "x1"]
+    elif data_cfg.kind == "pixels":
         columns = ["image"]
     else:
         columns = ["mean", "logvar"] + (["mean_flip", "logvar_flip"] if info["has_flip"] else [])
@@ -134,19 +151,35 @@ def build_dataset(data_cfg: DataConfig, uri: str, seed: int):
     ds = ray.data.read_parquet(paths, filesystem=read_fs, shuffle=ray.data.FileShuffleConfig(seed=seed))
     ds = ds.select_columns(columns)  # pushed down into the read (`columns=` is deprecated in 2.60)
     # ~32 MB of float32 output per decode task keeps object-store blocks moderate at 256 px RGB.
-    per_row = decoded_row_bytes(data_cfg)
+    per_row = decoded_row_bytes(data_cfg) * (2 if paired else 1)
     rows = max(16, min(1024, (32 << 20) // per_row))
     ds = ds.map_batches(
         decode_batch, batch_format="numpy", batch_size=rows,
         fn_kwargs={"kind": data_cfg.kind, "channels": data_cfg.channels, "image_size": data_cfg.image_size,
                    "random_flip": data_cfg.random_flip, "latent_scale": data_cfg.latent_scale,
-                   "latent_shape": info.get("latent_shape")})
+                   "latent_shape": info.get("latent_shape"),
+                   "pair_dtype": info.get("pair_dtype", "float32") if paired else None})
     ds.context.target_max_block_size = max(1 << 20, rows * per_row)  # one block per decode batch: streams
     return ds
 
 
-def batches(shard, local_batch: int, data_cfg: DataConfig, device=None) -> Iterator[tuple[Any, Any]]:
-    """One epoch of (x (B, C, H, W) float32, y (B,) int64) torch tensors from a Ray `DataIterator`.
+def split_paired(batch: tuple) -> tuple[Any, Any, Any]:
+    """(x1, y, x0) of a batch from `batches` / `EpochStream.next()`; x0 is None for unpaired datasets.
+
+    The one place that knows the batch tuple's layout: (x1, y) for ordinary datasets, (x1, y, x0) for
+    paired (reflow) ones, x1 (B, C, H, W) the data/teacher sample, y (B,) labels, x0 (B, C, H, W) the
+    stored noise that the teacher carried to x1 (ALGORITHM §6.6). `TrainState.step_on(*batch)` takes
+    either form."""
+    if len(batch) == 2:
+        return batch[0], batch[1], None
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    raise ValueError(f"a batch is (x1, y) or (x1, y, x0), got a tuple of {len(batch)}")
+
+
+def batches(shard, local_batch: int, data_cfg: DataConfig, device=None) -> Iterator[tuple[Any, ...]]:
+    """One epoch of (x (B, C, H, W) float32, y (B,) int64) torch tensors from a Ray `DataIterator`;
+    paired datasets add x0 (B, C, H, W) float32: (x1, y, x0) (see `split_paired`).
 
     shard: `ray.train.get_dataset_shard("train")` (or one of `ds.streaming_split(n)`). The last partial
     batch is dropped so every rank does the same number of steps. device None means Ray's "auto": the
@@ -158,7 +191,7 @@ def batches(shard, local_batch: int, data_cfg: DataConfig, device=None) -> Itera
         prefetch_batches=data_cfg.prefetch_batches,
         device="auto" if device is None else device)
     for b in it:
-        yield b["image"], b["label"]
+        yield (b["image"], b["label"], b["x0"]) if "x0" in b else (b["image"], b["label"])
 
 
 class EpochStream:

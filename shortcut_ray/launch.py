@@ -66,9 +66,14 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     from . import data
+    from .pairs import check_paired
+    from .shards import dataset_info
+    from .teacher import check_teacher
     from .worker import train_loop_per_worker
 
+    check_teacher(cfg)  # distillation: the teacher checkpoint exists and matches (before any Ray work)
     uri = data.resolve_dataset(cfg.data)
+    check_paired(cfg, dataset_info(uri), uri)
     dataset = data.build_dataset(cfg.data, uri, seed=cfg.train.seed)
     storage = storage_root(cfg)
     fs, storage_path = pyarrow_filesystem(storage)
@@ -114,5 +119,8 @@ def build_evaluator(cfg: Config, checkpoint_uri: str):
 
 def fit(cfg: Config):
     """Run (or resume) training; returns the ray.train.Result."""
+    from .teacher import check_teacher
+
+    check_teacher(cfg)  # fail before starting Ray (build_trainer checks again: Tune calls it directly)
     ensure_ray()
     return build_trainer(cfg).fit()

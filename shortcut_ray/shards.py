@@ -12,6 +12,15 @@ image of image_size x image_size) and `label` (int64 in [0, num_classes)).
 Latent datasets (kind "latents", ALGORITHM §3.4): `mean`, `logvar` (binary: float16 bytes of a
 C-order (C, H, W) array, the VAE posterior of the image), optionally `mean_flip`, `logvar_flip`
 (the posterior of the horizontally flipped image) and `label`.
+Paired datasets (two-stage reflow, ALGORITHM §6.6; written by `pairs.generate`, manifest
+"paired": true, kind "pixels" or "latents" = the space of the teacher that generated them): columns
+`x0` (the noise) and `x1` (the teacher's sample from that noise), both binary: `pair_dtype` (float32 or
+float16) bytes of a C-order (C, H, W) array in model space (pixels in about [-1, 1]; latents already
+scaled, used as they are), and `label` (the class the teacher was conditioned on). Row i of the dataset
+is row i of the generation plan. Extra manifest keys: "pair_dtype", "teacher" {"checkpoint", "step",
+"train_type", ...}, "sampler" {"steps", "weights", "cfg_scale", "seed", "labels", "precision"},
+"plan_id". While generating, `_pairs_progress/part-XXXXX.json` records each finished shard (resume).
+data.py decodes them to (x1, y, x0) batches; see `data.split_paired`.
 manifest.json: {"format", "version", "kind", "image_size" (latent side for latents), "channels",
 "num_classes", "classes" (names), "count", "class_counts", "skipped", "skipped_files",
 "latent_shape" ([C, H, W] or null), "has_flip", "shards": [{"file", "rows", "bytes", "sha256"}],
@@ -40,6 +49,8 @@ FORMAT = "shortcut-ray-shards"
 VERSION = 1
 PIXEL_COLUMNS = ("image", "label")
 LATENT_COLUMNS = ("mean", "logvar", "mean_flip", "logvar_flip", "label")
+PAIRED_COLUMNS = ("x0", "x1", "label")
+PAIR_DTYPES = ("float32", "float16")
 DEFAULT_CACHE = "~/.cache/shortcut_ray"
 FASHION_MNIST_FALLBACK = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -160,7 +171,6 @@ def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[s
     directory that readers refuse rather than a mix of old and new shards.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     meta_in, meta = meta, dict(meta)
     for key in ("kind", "image_size", "channels", "num_classes"):
@@ -200,13 +210,7 @@ def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[s
             class_counts += np.bincount(labels, minlength=num_classes)
             chunk["label"] = labels
         table = pa.table({c: pa.array(chunk[c], type=types[c]) for c in columns if c in chunk})
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        data = buf.getvalue()
-        name = f"part-{len(shards):05d}.parquet"
-        _put(fs, join_uri(root, name), data)
-        shards.append({"file": name, "rows": table.num_rows, "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})
+        shards.append(put_table(fs, root, shard_name(len(shards)), table))
     if not shards:
         raise ValueError(f"no rows to write to {uri}")
     keep = {s["file"] for s in shards}
@@ -235,8 +239,38 @@ def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest.update({k: v for k, v in meta.items() if k not in manifest})
-    _put(fs, join_uri(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    write_manifest(fs, root, manifest)
     return manifest
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def put_table(fs, root: str, name: str, table) -> dict:
+    """Write one Parquet shard atomically (see `_put`); returns its manifest entry."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    _put(fs, join_uri(root, name), data)
+    return {"file": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_manifest(fs, root: str, manifest: Mapping[str, Any]) -> None:
+    """Write manifest.json last (its presence marks the dataset complete)."""
+    _put(fs, join_uri(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+
+
+def array_bytes(x: np.ndarray, dtype: str) -> list[bytes]:
+    """(N, C, H, W) array -> N C-order byte strings of `dtype` (paired columns x0 / x1)."""
+    return [row.tobytes() for row in np.ascontiguousarray(x, dtype=np.dtype(dtype))]
+
+
+def bytes_array(col, dtype: str, shape) -> np.ndarray:
+    """Inverse of `array_bytes`: N byte strings -> float32 (N, *shape)."""
+    return np.stack([np.frombuffer(b, np.dtype(dtype)).reshape(shape) for b in col]).astype(np.float32)
 
 
 def dataset_info(uri: str) -> dict:
