@@ -183,3 +183,54 @@ def test_resuming_progressive_from_a_checkpoint_without_its_teacher_is_refused(d
     teacher.attach(st)
     with pytest.raises(ValueError, match=r"has no \['teacher', 'teacher_ema'\] weights"):
         checkpoint.load(teacher_uri, st.model, st.ema, st.optimizer, modules=st.checkpoint_modules())
+
+
+def _fsdp_worker(rank, world, port, teacher_uri, out_dir):
+    import torch.distributed as dist
+
+    from shortcut_ray.distributed import is_sharded
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = _cfg("train.num_workers=2", "train.max_steps=14")
+        full = lambda m: [p.full_tensor() for p in m.parameters()]  # noqa: E731
+        st = TrainState.create(cfg)
+        st.distill = teacher.build_teacher(cfg, teacher_uri, torch.device("cpu"), progressive=True)
+        teacher.init_student(st, teacher_uri)
+        assert is_sharded(st.distill.online) and is_sharded(st.distill.ema) and is_sharded(st.model)
+        init = {"online": full(st.distill.online), "ema": full(st.distill.ema), "student": full(st.model)}
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(3):  # steps 0, 1, 2: stage 1 starts at step 2
+            if st.step == 2:
+                before = full(st.model)
+            st.step_on(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g))
+        ck = os.path.join(out_dir, "pd")
+        checkpoint.save(ck, st.model, st.ema, st.optimizer, st.step, cfg, rank=rank, modules=st.checkpoint_modules())
+        other = TrainState.create(cfg)
+        other.distill = teacher.build_teacher(cfg, teacher_uri, torch.device("cpu"), progressive=True)
+        checkpoint.load(ck, other.model, other.ema, other.optimizer, modules=other.checkpoint_modules())
+        assert _same(full(other.distill.online), full(st.distill.online))
+        assert _same(full(other.distill.ema), full(st.distill.ema))
+        torch.save({**init, "switched": _same(full(st.distill.online), before)}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_teacher_is_fsdp2_sharded_over_two_gloo_ranks(teacher_uri, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_worker, args=(2, port, teacher_uri, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ref_online, _, _ = checkpoint.load_for_inference(teacher_uri, "online")
+    ref_ema, _, _ = checkpoint.load_for_inference(teacher_uri, "ema")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert _same(got["online"], _weights(ref_online)) and _same(got["ema"], _weights(ref_ema))
+        assert _same(got["student"], _weights(ref_online)) and got["switched"]
