@@ -133,6 +133,13 @@ def test_driver_checks_for_paired_datasets(teacher_uri, tmp_path, monkeypatch):
     cfg = _cfg(f"data.uri={out}", "data.source=parquet", "data.random_flip=false")
     with pytest.raises(ConfigError, match="paired .* would ignore its stored noise"):
         pairs.check_paired(cfg, info, out)
+    import ray
+
+    from shortcut_ray import launch
+
+    with pytest.raises(ConfigError, match="would ignore its stored noise"):  # wired into the driver
+        launch.build_trainer(cfg)
+    assert not ray.is_initialized()
     monkeypatch.setattr(FlowMatchingObjective, "uses_pairs", True, raising=False)
     pairs.check_paired(cfg, info, out)
     digits = {"kind": "pixels", "paired": False}

@@ -234,3 +234,15 @@ def test_teacher_is_fsdp2_sharded_over_two_gloo_ranks(teacher_uri, tmp_path):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert _same(got["online"], _weights(ref_online)) and _same(got["ema"], _weights(ref_ema))
         assert _same(got["student"], _weights(ref_online)) and got["switched"]
+
+
+def test_launch_refuses_a_missing_teacher_before_starting_ray(distill):
+    import ray
+
+    from shortcut_ray import launch
+
+    distill()
+    for entry in (launch.fit, launch.build_trainer):
+        with pytest.raises(ConfigError, match="objective.teacher_checkpoint is empty"):
+            entry(_cfg())
+    assert not ray.is_initialized()
