@@ -295,8 +295,9 @@ def verify_shards(uri: str) -> dict:
     for s in info["shards"]:
         digest = hashlib.sha256(fs.cat_file(join_uri(root, s["file"]))).hexdigest()
         if digest != s["sha256"]:
+            redo = "jobs.generate_pairs (it regenerates bad shards)" if info.get("paired") else "jobs.prepare_data"
             raise ValueError(f"{join_uri(uri, s['file'])}: sha256 {digest} != manifest {s['sha256']}; "
-                             f"the shard changed after writing, re-run jobs.prepare_data")
+                             f"the shard changed after writing, re-run {redo}")
     return info
 
 
