@@ -3,11 +3,16 @@ r"""FID (and the pixel-space FD proxy) of a checkpoint at each requested step co
     python -m jobs.evaluate runs/RUN/checkpoint_0001500 --steps 1,4,128 --samples 2048
     python -m jobs.evaluate gs://BUCKET/runs/RUN/checkpoint_0100000 --samples 50000 \
         --fid-weights gs://BUCKET/weights/fid_inception_v3.pt --set train.num_workers=8 --set train.use_gpu=true
+    python -m jobs.evaluate imported/celeba_dit_b --fid-ref-stats celeba256_fidstats_ours.npz \
+        --fid-weights fid_inception_v3.pt --set data.uri=gs://BUCKET/celebahq256-latents   # the authors' statistics
 
 Every Ray Train worker samples its share from fixed noise (the same for every N); features are gathered
 and rank 0 computes the Frechet distances. Results go into the checkpoint's own MLflow run (its id is in
 the checkpoint's state.json) as eval/fid/N{n} and eval/fd_pixel/N{n} at the checkpoint's step, plus an
-artifact with the statistics, sample counts and which weights (online or EMA) were used.
+artifact with the statistics, sample counts and which weights (online or EMA) were used. FID is
+against --fid-ref-stats (our jobs.fid_stats output or the authors' mu/sigma .npz) when given, else
+statistics of the run's real images; the reference's file, sha256 and source go into the JSON and
+into MLflow params fid_ref.*.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="", help="comma-separated N (default: the run's eval.fid_steps)")
     p.add_argument("--samples", type=int, default=0, help="samples per N (default: the run's eval.fid_samples)")
     p.add_argument("--fid-weights", default="", help="FID InceptionV3 weights (path/URI); empty: FD proxy only")
+    p.add_argument("--fid-ref-stats", default="", help="reference statistics .npz (mu, sigma; path/URI), e.g. the "
+                                                       "authors' celeba256_fidstats_ours.npz")
     p.add_argument("--weights", choices=("online", "ema"), default="", help="sample with these weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config")
     args = p.parse_args(argv)
@@ -48,6 +55,8 @@ def main(argv=None) -> int:
         sets.append(f"eval.fid_samples={args.samples}")
     if args.fid_weights:
         sets.append(f"eval.fid_weights={args.fid_weights}")
+    if args.fid_ref_stats:
+        sets.append(f"eval.fid_ref_stats={args.fid_ref_stats}")
     if args.weights:
         sets.append(f"ema.eval_with_ema={args.weights == 'ema'}")
     cfg = apply_overrides(Config.from_dict(meta["config"]), sets)
@@ -67,6 +76,8 @@ def main(argv=None) -> int:
           f"{m['details']['weights']} weights):")
     for k in sorted(k for k in m if k.startswith("eval/")):
         print(f"  {k:<22} {m[k]:.3f}")
+    if m["details"].get("fid_reference"):
+        print(f"  FID reference: {m['details']['fid_reference']}")
     return 0
 
 

@@ -3,6 +3,7 @@ r"""Sample images from a checkpoint at any step count and guidance scale.
     python -m jobs.sample runs/digits-shortcut-.../checkpoint_0001500 --steps 1,4,128 --out samples/
     python -m jobs.sample gs://BUCKET/runs/RUN/checkpoint_0020000 --steps 1 --n 64 --cfg-scale 1.5 --labels 3
     python -m jobs.sample CKPT --steps 3 --images     # one PNG per sample instead of a grid
+    python -m jobs.sample CKPT --steps 1,128 --raw    # N{n}.npy in model space (latents not decoded)
 
 The same noise (--seed) is used for every step count, so grids at different N compare sample by
 sample. Any integer N in 1..M is accepted (non-powers of two use the rule in shortcut_ray/sampler.py).
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="samples")
     p.add_argument("--images", action="store_true", help="write one PNG per sample instead of a grid")
+    p.add_argument("--raw", action="store_true", help="write N{n}.npy, the (B, C, H, W) samples in model space "
+                                                      "(latents undecoded, any channel count), instead of PNGs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     model, cfg, meta = load_for_inference(local_checkpoint(args.checkpoint), args.weights)
@@ -59,6 +62,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     for n in (int(s) for s in args.steps.split(",")):
         x = sample(model, noise, y, n, args.cfg_scale, d.num_classes, cfg.objective.denoise_timesteps).cpu()
+        if args.raw:
+            np.save(os.path.join(args.out, f"N{n:03d}.npy"), x.numpy())
+            print(f"wrote {os.path.join(args.out, f'N{n:03d}.npy')} {tuple(x.shape)} (N={n}, w={args.cfg_scale})")
+            continue
         if d.kind == "latents":
             from shortcut_ray.latents import decode_for_display
 

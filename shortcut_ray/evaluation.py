@@ -30,6 +30,18 @@ def pooled(x: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x.float(), side).flatten(1).double()
 
 
+def log_reference(tracker, provenance: dict) -> None:
+    """Record the FID reference as `fid_ref.*` MLflow params. MLflow params cannot change, so a run
+    that already holds another reference (re-evaluated against a different file) gets tags instead."""
+    if not provenance:
+        return
+    params = {f"fid_ref.{k}": v for k, v in provenance.items()}
+    try:
+        tracker.log_params(params)
+    except Exception:  # noqa: BLE001 - mlflow's MlflowException; the engine layer does not import mlflow
+        tracker.set_tags(params)
+
+
 class Evaluator:
     def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world: int = 1):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
@@ -43,6 +55,14 @@ class Evaluator:
     @property
     def samples_per_rank(self) -> int:
         return -(-self.cfg.eval.fid_samples // self.world)  # equal shares: same number of forwards per rank
+
+    @property
+    def fid_reference(self) -> dict:
+        """Provenance of the FID reference, logged beside every FID (file + sha256, or the data)."""
+        if self.ref_fid is None:
+            return {}
+        return self.ref_fid.provenance or {"source": f"computed from {self.num_reference} real images of "
+                                                     f"{self.cfg.data.source} {self.cfg.data.uri}".strip()}
 
     def set_reference(self, local_images: torch.Tensor) -> None:
         """Real images (this rank's share, model space); gathered so every rank holds the statistics."""
@@ -74,7 +94,8 @@ class Evaluator:
         metrics: dict[str, float] = {}
         report = {"samples": n_local * self.world, "reference_images": self.num_reference,
                   "weights": "ema" if cfg.ema.eval_with_ema else "online", "cfg_scale": cfg.eval.cfg_scale,
-                  "inception": getattr(self.inception, "weights_id", None), "per_N": {}}
+                  "inception": getattr(self.inception, "weights_id", None), "fid_reference": self.fid_reference,
+                  "per_N": {}}
         for n in cfg.eval.fid_steps:
             t0 = time.perf_counter()
             chunks = []

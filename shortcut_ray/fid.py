@@ -19,7 +19,7 @@ import os
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -258,6 +258,8 @@ class FeatureStats:
     mu: np.ndarray
     sigma: np.ndarray
     n: int
+    provenance: dict = field(default_factory=dict)
+    """Where the statistics came from (file, sha256, source); `load` fills it, logged beside every FID."""
 
     @classmethod
     def from_features(cls, features: np.ndarray | torch.Tensor) -> "FeatureStats":
@@ -283,14 +285,33 @@ class FeatureStats:
         import fsspec
 
         with fsspec.open(path_or_uri, "rb") as f:
-            data = np.load(io.BytesIO(f.read()))
+            raw = f.read()
+        data = np.load(io.BytesIO(raw))
         if "mu" not in data or "sigma" not in data:
             raise ValueError(f"{path_or_uri} is not a FID stats file: keys {list(data)}, need mu, sigma")
         n = int(data["n"]) if "n" in data else 0
-        return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n)
+        prov = {"file": str(path_or_uri), "sha256": hashlib.sha256(raw).hexdigest(),
+                "source": reference_source(str(path_or_uri), set(data.files))}
+        return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n, prov)
 
     def frechet_distance(self, other: "FeatureStats") -> float:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+
+
+# The authors' reference statistics (ALGORITHM §5), distributed with their JAX code.
+OFFICIAL_STATS_FILES = ("celeba256_fidstats_ours.npz", "imagenet256_fidstats_ours.npz")
+
+
+def reference_source(path_or_uri: str, keys: set[str]) -> str:
+    """What a reference .npz is: ours (mu, sigma, n) or mu/sigma only (the official JAX format).
+
+    A mu/sigma-only file under one of the authors' names is labelled "official JAX statistics"; the
+    sha256 logged beside it is what identifies the file."""
+    if "n" in keys:
+        return "shortcut-ray statistics (jobs.fid_stats)"
+    if os.path.basename(path_or_uri.rstrip("/")) in OFFICIAL_STATS_FILES:
+        return "official JAX statistics (kvfrans/shortcut-models)"
+    return "external mu/sigma statistics (official JAX format)"
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,

@@ -6,9 +6,9 @@ tests/data/official/README.md): {'train_state': {'params', 'params_ema', 'opt_st
 so the shape is inferred from the parameter tree and the rest (heads, image size, train type,
 conditioning) comes from a named recipe or flags.
 
-    train_state = read_checkpoint("gs://bucket/celeba-dit-b/checkpoint")   # no code from the file runs
-    cfg, report = import_config(train_state["params"], recipe="celebahq256_dit_b")
-    model, ema = build_imported(cfg, train_state)                          # online and EMA weights
+    train_state, info = read_checkpoint("gs://bucket/celeba-dit-b/ckpt")    # no code from the file runs
+    cfg = import_config(infer_shape(train_state["params"]), recipe="celebahq256_dit_b")
+    model, ema, report = build_imported(cfg, train_state)                  # online and EMA weights
 
 Safety: plain `pickle.load` runs whatever the file names. `read_checkpoint` uses a restricted
 unpickler that resolves only the globals the format contains (numpy array/dtype reconstruction, the
@@ -128,14 +128,17 @@ def _resolve_file(fs, path: str) -> str:
     raise OfficialFormatError(f"{path} is a directory without {base}.tmp or a single file; pass the pickle itself")
 
 
-def read_checkpoint(uri: str) -> dict:
-    """The `train_state` dict of an official checkpoint at a local path or any fsspec URI."""
+def read_checkpoint(uri: str) -> tuple[dict, dict]:
+    """(train_state, file info {uri, file, bytes, sha256}) of an official checkpoint (path or fsspec URI)."""
+    import hashlib
+
     from .shards import filesystem
 
     fs, path = filesystem(uri)
     if not fs.exists(path):
         raise FileNotFoundError(f"no official checkpoint at {uri}")
-    with fs.open(_resolve_file(fs, path), "rb") as f:
+    path = _resolve_file(fs, path)
+    with fs.open(path, "rb") as f:
         data = f.read()
     obj = unpickle(data, uri)
     state = obj.get("train_state") if isinstance(obj, dict) else None
@@ -143,7 +146,7 @@ def read_checkpoint(uri: str) -> dict:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise OfficialFormatError(f"{uri} has no train_state['params'] (top level: {keys}); it is not a "
                                   f"checkpoint written by the official train.py")
-    return state
+    return state, {"uri": uri, "file": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

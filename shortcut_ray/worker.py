@@ -58,9 +58,10 @@ class Runner:
         self.evaluator = None
         self.reference: list[torch.Tensor] = []  # real images for eval statistics, collected while training
         if self.cfg.train.eval_every > 0:
-            from .evaluation import Evaluator
+            from .evaluation import Evaluator, log_reference
 
             self.evaluator = Evaluator(self.cfg, self.device, self.rank, self.world)
+            log_reference(self.tracker, self.evaluator.ref_fid.provenance if self.evaluator.ref_fid else {})
 
     # -- restore -----------------------------------------------------------------------------------
     def _restore(self, resume_from: str) -> dict:
@@ -317,7 +318,7 @@ def evaluate_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .evaluation import Evaluator
+    from .evaluation import Evaluator, log_reference
 
     cfg = Config.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -343,6 +344,7 @@ def evaluate_loop_per_worker(loop_config: dict) -> None:
         tracker = create_tracker(cfg.tracking, rank)
         tracker.start(f"{meta.get('run_name', 'eval')}-eval", {"kind": "evaluate"}, meta.get("mlflow_run_id"))
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+        log_reference(tracker, ev.fid_reference)
         tracker.log_dict({"step": step, "checkpoint": loop_config["checkpoint"], **details},
                          f"eval/final_step_{step:07d}.json")
         tracker.end("FINISHED")
