@@ -63,15 +63,15 @@ def main(argv=None) -> int:
     try:
         state, info = official.read_checkpoint(args.source)
         shape = official.infer_shape(state["params"])
+        name = os.path.basename(info["file"].rstrip("/")).split(".")[0] or "official"
         cfg = official.import_config(shape, args.recipe, heads=args.heads, image_size=args.image_size,
                                      train_type=args.train_type, class_conditional=args.class_conditional,
-                                     overrides=args.set)
+                                     overrides=[f"train.run_name=imported-{name}", *args.set])
         model, ema, report = official.build_imported(cfg, state)
     except (official.OfficialFormatError, ConfigError, FileNotFoundError) as e:
         p.exit(2, f"error: {e}\n")
     source = {**info, "format": "kvfrans/shortcut-models train.py pickle", "recipe": args.recipe,
               "official_step": report["official_step"]}
-    name = os.path.basename(info["file"].rstrip("/")).split(".")[0] or "official"
     out = _write(args.out, model, ema, cfg,
                  {"imported_from": source, "import_report": report, "run_name": f"imported-{name}"})
     m = cfg.model
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
           f"not imported: {report['not_imported']}")
     print(f"  from the tree: hidden {m.hidden_size}, depth {m.depth}, patch {m.patch_size}, mlp_ratio "
           f"{m.mlp_ratio:g}, channels {cfg.data.channels}, classes {cfg.data.num_classes}")
-    print(f"  from {'recipe ' + args.recipe if args.recipe else 'flags'}/flags: heads {m.num_heads}, image "
+    print(f"  from {'recipe ' + args.recipe + ' and flags' if args.recipe else 'flags'}: heads {m.num_heads}, image "
           f"{cfg.data.image_size}, train_type {cfg.objective.train_type}, class_conditional "
           f"{cfg.objective.class_conditional}")
     print(f"  wrote {out} (step 0, preset {cfg.preset}; the full config is in its state.json)")

@@ -59,7 +59,7 @@ class Evaluator:
     @property
     def fid_reference(self) -> dict:
         """Provenance of the FID reference, logged beside every FID (file + sha256, or the data)."""
-        if self.ref_fid is None:
+        if self.ref_fid is None or self.inception is None:  # no FID, nothing to attribute
             return {}
         return self.ref_fid.provenance or {"source": f"computed from {self.num_reference} real images of "
                                                      f"{self.cfg.data.source} {self.cfg.data.uri}".strip()}
