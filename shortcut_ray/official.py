@@ -30,6 +30,7 @@ import torch
 
 from .config import Config, ConfigError, DataConfig, ModelConfig, apply_overrides
 
+
 class OfficialFormatError(ValueError):
     """The file is not an official checkpoint this importer can read; the message says why."""
 
@@ -44,7 +45,8 @@ def _frozen_dict(*args, **kwargs) -> dict:
 def _reconstruct_jax_array(fun, args, arr_state, aval_state) -> np.ndarray:
     """jax._src.array._reconstruct_array: the value is fun(*args).__setstate__(arr_state), an ndarray."""
     if fun is not _multiarray()._reconstruct:
-        raise OfficialFormatError(f"a pickled jax Array names {fun!r} as its constructor, expected numpy's _reconstruct")
+        raise OfficialFormatError(f"a pickled jax Array names {fun!r} as its constructor, expected numpy's "
+                                  f"_reconstruct")
     arr = fun(*args)
     if not isinstance(arr, np.ndarray):
         raise OfficialFormatError(f"a pickled jax Array rebuilt as {type(arr).__name__}, expected a numpy array")

@@ -89,6 +89,16 @@ def test_import_job_writes_a_checkpoint_that_sample_and_inference_accept(tmp_pat
         manual = x0 + models["online"](x0, torch.zeros(4), torch.zeros(4), y)
     assert one.shape == (4, 4, 8, 8) and np.isfinite(np.load(tmp_path / "s" / "N004.npy")).all()
     np.testing.assert_allclose(one, manual.numpy(), atol=1e-5)
+    # what the Ray worker does for `jobs.train --set train.resume_from=OUT`: load into a TrainState, train on
+    from shortcut_ray import checkpoint
+    from shortcut_ray.config import Config
+    from shortcut_ray.train_step import TrainState
+
+    st = TrainState.create(Config.from_dict(meta["config"]))
+    assert checkpoint.load(out, st.model, st.ema, st.optimizer)["step"] == 0
+    np.testing.assert_allclose(_run(st.ema, inputs), want["params_ema"], atol=1e-4, rtol=0)
+    metrics = st.step_on(torch.randn(64, 4, 8, 8), torch.randint(0, 10, (64,)))
+    assert torch.isfinite(metrics["loss"]) and st.step == 1
 
 
 class _Evil:
@@ -200,8 +210,8 @@ def test_jax_arrays_and_frozen_dicts_load_as_numpy_and_dicts_without_jax(tmp_pat
 
     state, _ = official.read_checkpoint(os.path.join(DATA, FIXTURES["shortcut"][0]))
     path = tmp_path / "jax.pkl"
-    path.write_bytes(pickle.dumps({"train_state": {"params": wrap(state["params"]), "params_ema": wrap(state["params_ema"]),
-                                                   "step": state["step"]}}))
+    trees = {key: wrap(state[key]) for key in ("params", "params_ema")}
+    path.write_bytes(pickle.dumps({"train_state": {**trees, "step": state["step"]}}))
     for name in fake:
         monkeypatch.delitem(sys.modules, name)
     loaded, _ = official.read_checkpoint(str(path))
@@ -227,7 +237,15 @@ def test_official_fid_statistics_are_a_reference_with_provenance(tmp_path):
     stats = FeatureStats.load(str(path))
     assert stats.n == 0 and stats.provenance == {"file": str(path), "sha256": sha,
                                                  "source": "official JAX statistics (kvfrans/shortcut-models)"}
-    cfg = apply_overrides(get_preset("debug_cpu"), [f"eval.fid_ref_stats={path}", "eval.fid_samples=4",
-                                                    "eval.fid_steps=1", "train.num_workers=1"])
-    _, report = Evaluator(cfg, torch.device("cpu")).run(lambda x, t, k, y: torch.zeros_like(x), batch_size=4)
-    assert report["fid_reference"]["sha256"] == sha
+
+    class Tiny(torch.nn.Module):  # stands in for InceptionV3: (B, 3, 299, 299) -> (B, 2048)
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 32).flatten(1)[:, :2048]
+
+    net = tmp_path / "tiny.pt"
+    torch.jit.script(Tiny()).save(str(net))
+    cfg = apply_overrides(get_preset("debug_cpu"), [f"eval.fid_ref_stats={path}", f"eval.fid_weights={net}"])
+    # what Evaluator.run puts in the eval JSON ("fid_reference") and log_reference sends to MLflow as fid_ref.*
+    assert Evaluator(cfg, torch.device("cpu")).fid_reference == stats.provenance
+    no_fid = apply_overrides(cfg, ["eval.fid_weights="])
+    assert Evaluator(no_fid, torch.device("cpu")).fid_reference == {}  # no FID computed: nothing to attribute
