@@ -274,7 +274,8 @@ def state_dict_from_tree(params: dict, shape: TreeShape) -> dict[str, torch.Tens
 
 # -- config: the shape from the tree, the rest from a recipe or flags --------------------------------
 
-TRAIN_TYPES = {"naive": "flow_matching"}  # official --model.train_type -> ours (others keep their name)
+TRAIN_TYPES = {"naive": "flow_matching",  # official --model.train_type -> ours (others keep their name)
+               "consistency-distillation": "consistency_distillation"}
 
 
 def _tiny(train_type: str, num_classes: int, conditional: bool) -> Config:
