@@ -44,7 +44,7 @@ def build(args, device: torch.device) -> tuple[nn.Module, Config]:
                                    compile=args.compile, use_gpu=device.type == "cuda"),
                  tracking=TrackingConfig(enabled=False))
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, uses_step_level=True)  # the shortcut DiT (k used)
     # The official init zeroes the final layer, so an untrained model outputs exactly 0; re-init it so the
     # timed computation is realistic (non-zero velocities, x changes every step).
     for lin in (model.final.adaLN[1], model.final.linear):

@@ -1,7 +1,7 @@
 """2-D 8-Gaussians toy: shortcut vs flow matching with this package's objective and sampler (ALGORITHM §9.2).
 
 Trains the same small MLP velocity network twice, once with `train_type='shortcut'` and once with
-`train_type='flow_matching'` (the paper's 'naive'), using `shortcut_ray.objective.build_objective` for
+`train_type='flow_matching'` (the paper's 'naive'), using `shortcut_ray.objectives.build_objective` for
 every target and `shortcut_ray.sampler.sample` for every sample, then evaluates the EMA weights at
 N = 1, 2, 4, 8, 128 from one fixed noise batch and checks the §9.2 pass criteria.
 
@@ -38,7 +38,7 @@ from torch import nn
 from shortcut_ray.config import ObjectiveConfig
 from shortcut_ray.ema import make_ema, update_ema
 from shortcut_ray.model import timestep_features
-from shortcut_ray.objective import OBJECTIVES, build_objective
+from shortcut_ray.objectives import Networks, build_objective, objective_class
 from shortcut_ray.sampler import fixed_noise, sample
 
 NUM_MODES = 8
@@ -128,7 +128,7 @@ def train(train_type: str, steps: int = 8000, ema_decay: float = 0.99, seed: int
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     obj = build_objective(cfg, num_classes=1, global_batch=batch)
-    model = MLPVelocity(width=width, num_classes=1, ignore_k=not OBJECTIVES[train_type].uses_step_level)
+    model = MLPVelocity(width=width, num_classes=1, ignore_k=not objective_class(train_type).uses_step_level)
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     y = torch.full((batch,), 1, dtype=torch.long)  # null label (num_classes = 1); the objective re-nulls anyway
@@ -136,7 +136,7 @@ def train(train_type: str, steps: int = 8000, ema_decay: float = 0.99, seed: int
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         x1 = make_data(batch, gen)
-        out = obj.loss(model, ema if cfg.bootstrap_ema else model, x1, y, gen)
+        out = obj.loss(Networks(online=model, ema=ema), x1, y, gen, step - 1, steps)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

@@ -41,7 +41,7 @@ from shortcut_ray.config import (Config, DataConfig, ObjectiveConfig, TrackingCo
                                  TrainConfig)
 from shortcut_ray.distributed import resolve_precision  # noqa: E402
 from shortcut_ray.model import DIT_SIZES, flops_per_forward, model_config  # noqa: E402
-from shortcut_ray.objective import build_objective  # noqa: E402
+from shortcut_ray.objectives import build_objective  # noqa: E402
 from shortcut_ray.train_step import TrainState  # noqa: E402
 
 SHAPES = {  # name -> data config fields (the model input; no dataset is read)

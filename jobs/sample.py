@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from shortcut_ray.checkpoint import load_for_inference
+from shortcut_ray.objectives import for_sampling
 from shortcut_ray.sampler import fixed_noise, sample
 from shortcut_ray.tracking import image_grid, png_bytes
 
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     y = torch.tensor([classes[i % len(classes)] for i in range(args.n)], device=args.device)
     os.makedirs(args.out, exist_ok=True)
     for n in (int(s) for s in args.steps.split(",")):
-        x = sample(model, noise, y, n, args.cfg_scale, d.num_classes, cfg.objective.denoise_timesteps).cpu()
+        x = sample(model, noise, y, n, args.cfg_scale, d.num_classes, cfg.objective.denoise_timesteps,
+                   objective=for_sampling(cfg)).cpu()
         if args.raw:
             np.save(os.path.join(args.out, f"N{n:03d}.npy"), x.numpy())
             print(f"wrote {os.path.join(args.out, f'N{n:03d}.npy')} {tuple(x.shape)} (N={n}, w={args.cfg_scale})")

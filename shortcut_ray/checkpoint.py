@@ -117,6 +117,7 @@ def load_for_inference(path: str, weights: str = "auto") -> tuple[nn.Module, Con
     """A plain (unsharded, fp32, CPU) model from a checkpoint dir. weights: 'online', 'ema' or 'auto'
     (= the run's ema.eval_with_ema choice)."""
     from .model import build_model
+    from .objectives import objective_class
 
     meta = read_state(path)
     cfg = Config.from_dict(meta["config"])
@@ -124,7 +125,7 @@ def load_for_inference(path: str, weights: str = "auto") -> tuple[nn.Module, Con
         weights = "ema" if cfg.ema.eval_with_ema else "online"
     if weights not in ("online", "ema"):
         raise ValueError(f"weights must be 'online', 'ema' or 'auto', got {weights!r}")
-    model = build_model(cfg)
+    model = build_model(cfg, uses_step_level=objective_class(cfg.objective.train_type).uses_step_level)
     key = "model" if weights == "online" else "ema"
     state = {key: model.state_dict()}
     dcp.load(state, checkpoint_id=path, no_dist=True)

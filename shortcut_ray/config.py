@@ -57,7 +57,9 @@ class ObjectiveConfig:
     """Training objective (ALGORITHM §2, §6.1, §10)."""
 
     train_type: str = "shortcut"
-    """'shortcut' or 'flow_matching' (the paper's 'naive'); see objective.OBJECTIVES."""
+    """One of objectives.registry.names(): shortcut, flow_matching, consistency, consistency_distillation,
+    progressive, live_reflow, reflow (paired data), diffusion; the paper code's names naive / livereflow /
+    consistency-distillation are accepted and normalised."""
     denoise_timesteps: int = 128
     """M: finest discretisation; fixes the flow t-grid, base level log2 M and the largest N (§4)."""
     bootstrap_every: int = 8
@@ -83,11 +85,19 @@ class ObjectiveConfig:
     directory of a flow-matching run (local path or gs://.../checkpoint_NNNNNNN) with the same model
     shape, image size, channels and classes. The student also starts from it (params + EMA, fresh
     optimiser, step 0). Checked on the driver by teacher.check_teacher; must be empty for other methods."""
+    sampler: str = "euler"
+    """Consistency models only (§6.2): 'euler' (the official eval code) or 'multistep' (consistency
+    sampling: jump to x1_hat, re-noise to the next t). Other train types sample with their own rule."""
 
     def __post_init__(self) -> None:
-        from_registry = ("shortcut", "flow_matching")
-        _check(self.train_type in from_registry,
-               f"objective.train_type must be one of {from_registry}, got {self.train_type!r}")
+        from .objectives.registry import canonical  # torch-free: the registry is the only list of names
+
+        try:
+            object.__setattr__(self, "train_type", canonical(self.train_type))  # aliases -> canonical name
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _check(self.sampler in ("euler", "multistep"),
+               f"objective.sampler must be 'euler' or 'multistep', got {self.sampler!r}")
         m = self.denoise_timesteps
         _check(m >= 2 and (m & (m - 1)) == 0,
                f"objective.denoise_timesteps must be a power of two >= 2 (e.g. 128), got {m}")
@@ -304,6 +314,8 @@ class Config:
                            f"the model was never trained on steps smaller than 1/{m}")
         if self.objective.train_type == "shortcut":
             _validate_bootstrap_layout(self.objective, self.train.global_batch, self.train.num_workers)
+        elif self.objective.train_type == "live_reflow":
+            _validate_reflow_layout(self.objective, self.train.global_batch, self.train.num_workers)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -351,6 +363,15 @@ def _validate_bootstrap_layout(obj: ObjectiveConfig, global_batch: int, world: i
            f"{obj.bootstrap_every * world}")
     _check(not obj.bootstrap_cfg or obj.class_conditional,
            "objective.bootstrap_cfg needs class labels; set objective.class_conditional=true or bootstrap_cfg=false")
+
+
+def _validate_reflow_layout(obj: ObjectiveConfig, global_batch: int, world: int) -> None:
+    """Live reflow replaces B // bootstrap_every flow rows by reflow rows, dealt over the workers (§6.5)."""
+    b_b = bootstrap_batch(obj, global_batch)
+    _check(b_b >= 1 and b_b % world == 0,
+           f"live reflow needs train.global_batch // objective.bootstrap_every = {b_b} reflow rows to be >= 1 "
+           f"and to split evenly over train.num_workers={world}; choose train.global_batch as a multiple of "
+           f"{obj.bootstrap_every * world}")
 
 
 # -- dict / override plumbing --------------------------------------------------------------------

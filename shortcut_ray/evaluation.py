@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .config import Config
 from .distributed import all_gather_rows
 from .fid import FeatureStats, load_inception
+from .objectives import for_sampling
 from .sampler import sample
 
 
@@ -91,6 +92,7 @@ class Evaluator:
             labels = torch.randint(0, d.num_classes, (n_local,), generator=g)  # uniform classes (§5)
         else:
             labels = torch.full((n_local,), d.num_classes)
+        objective = for_sampling(cfg)  # the run's sampler rule (live reflow's k, DDIM, consistency)
         metrics: dict[str, float] = {}
         report = {"samples": n_local * self.world, "reference_images": self.num_reference,
                   "weights": "ema" if cfg.ema.eval_with_ema else "online", "cfg_scale": cfg.eval.cfg_scale,
@@ -103,7 +105,8 @@ class Evaluator:
                 ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
                 with ctx:
                     x = sample(model, noise[i:i + batch_size].to(self.device), labels[i:i + batch_size].to(self.device),
-                               n, cfg.eval.cfg_scale, d.num_classes, cfg.objective.denoise_timesteps)
+                               n, cfg.eval.cfg_scale, d.num_classes, cfg.objective.denoise_timesteps,
+                               objective=objective)
                 chunks.append(x.float())
             local = torch.cat(chunks)
             gen = all_gather_rows(local.contiguous())

@@ -205,12 +205,11 @@ def model_config(size: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**DIT_SIZES[size], **overrides})
 
 
-def build_model(cfg: Config) -> ShortcutDiT:
-    """The DiT for a run; baselines without step conditioning zero k (§1.1 item 3)."""
-    from .objective import OBJECTIVES
-
-    ignore_k = not OBJECTIVES[cfg.objective.train_type].uses_step_level
-    return ShortcutDiT(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.num_classes, ignore_k=ignore_k)
+def build_model(cfg: Config, *, uses_step_level: bool) -> ShortcutDiT:
+    """The DiT for a run. `uses_step_level` comes from the objective (`objective_class(name).uses_step_level`):
+    baselines without step conditioning zero k before TE_k (official ignore_dt, §1.1 item 3)."""
+    return ShortcutDiT(cfg.model, cfg.data.image_size, cfg.data.channels, cfg.data.num_classes,
+                       ignore_k=not uses_step_level)
 
 
 def flops_per_forward(cfg: ModelConfig, image_size: int, channels: int) -> float:

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .objectives.base import SampleStep, guided_velocity
+
 
 def k_for_steps(num_steps: int) -> int:
     """Level k = log2 N of an N-step power-of-two sampler (k = 0: one step of d = 1)."""
@@ -47,31 +49,35 @@ def step_schedule(num_steps: int, denoise_timesteps: int = 128) -> list[tuple[fl
 
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, y: torch.Tensor, num_steps: int, cfg_scale: float = 1.0,
-           null_label: int | None = None, denoise_timesteps: int = 128) -> torch.Tensor:
-    """Integrate x from noise at t = 0 to data at t = 1 with `num_steps` Euler steps x <- x + d s.
+           null_label: int | None = None, denoise_timesteps: int = 128, objective=None,
+           renoise_seed: int = 0) -> torch.Tensor:
+    """Integrate x from noise at t = 0 to data at t = 1 in `num_steps` steps (Euler: x <- x + d s).
 
     cfg_scale w: s = s(null) + w (s(y) - s(null)); w = 1 is conditional only (one pass), w = 0
     unconditional. `null_label` (the model's num_classes) is needed whenever w != 1.
+    `objective` (optional) supplies the (t, d, k) of each step and the update rule: live reflow's k = 0
+    below N = M, multistep consistency sampling, DDIM for diffusion. Without it: the Euler schedule above.
+    Updates that re-noise draw fixed noise from `renoise_seed` (the same for every call).
     """
+    if cfg_scale != 1.0 and null_label is None:
+        raise ValueError("cfg_scale != 1 needs null_label (the model's num_classes)")
+    if objective is None:
+        steps = [SampleStep(t, 2.0 ** -k, k) for t, k in step_schedule(num_steps, denoise_timesteps)]
+        update = _euler
+    else:
+        steps, update = objective.sample_steps(num_steps), objective.sample_update
     x = noise.float()
     b = x.shape[0]
-    guided = cfg_scale != 1.0
-    if guided and null_label is None:
-        raise ValueError("cfg_scale != 1 needs null_label (the model's num_classes)")
-    for t, k in step_schedule(num_steps, denoise_timesteps):
-        tt = torch.full((b,), t, device=x.device)
-        kk = torch.full((b,), k, device=x.device, dtype=torch.long)
-        if not guided:
-            s = model(x, tt, kk, y).float()
-        elif cfg_scale == 0.0:
-            s = model(x, tt, kk, torch.full_like(y, null_label)).float()
-        else:
-            both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([kk, kk]),
-                         torch.cat([y, torch.full_like(y, null_label)])).float()
-            s_cond, s_uncond = both[:b], both[b:]
-            s = s_uncond + cfg_scale * (s_cond - s_uncond)
-        x = x + (2.0 ** -k) * s
+    for i, st in enumerate(steps):
+        tt = torch.full((b,), st.t, device=x.device)
+        kk = torch.full((b,), st.k, device=x.device, dtype=torch.long)
+        s = guided_velocity(model, x, tt, kk, y, cfg_scale, null_label)
+        x = update(x, s, st, lambda i=i: fixed_noise(tuple(x.shape), renoise_seed * 100_003 + i, x.device))
     return x
+
+
+def _euler(x: torch.Tensor, s: torch.Tensor, step: SampleStep, noise) -> torch.Tensor:
+    return x + step.d * s
 
 
 def fixed_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

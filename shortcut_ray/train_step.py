@@ -1,7 +1,7 @@
 """One optimisation step, Ray-free: objective -> backward -> AdamW -> EMA (ALGORITHM §2.1, §3).
 
-`TrainState` owns the parts of a run (model, EMA teacher, optimiser, objective) and its step
-counter; `TrainState.step_on(x1, y)` is the whole hot path and never synchronises with the host:
+`TrainState` owns the parts of a run (model, its EMA, optimiser, objective, a distillation teacher) and its
+step counter; `TrainState.step_on(x1, y)` is the whole hot path and never synchronises with the host:
 metrics come back as device tensors that the caller reads only when it logs. The same object runs
 inside Ray Train workers and in a plain single-process loop (bench/ray_overhead.py, debugging).
 """
@@ -19,7 +19,7 @@ from .config import Config
 from .distributed import is_sharded, parallelize, resolve_precision, world
 from .ema import make_ema, update_ema
 from .model import build_model
-from .objective import FlowMatchingObjective, build_objective
+from .objectives import Networks, Objective, build_objective, objective_class
 from .optim import build_optimizer, lr_at, set_lr
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class TrainState:
     model: nn.Module
     ema: nn.Module
     optimizer: torch.optim.Optimizer
-    objective: FlowMatchingObjective
+    objective: Objective
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -49,11 +49,12 @@ class TrainState:
 
     @classmethod
     def create(cls, cfg: Config, device: torch.device | str = "cpu") -> "TrainState":
-        """Build, parallelise and wire every part of a run on this rank."""
+        """Build, parallelise and wire every part of a run on this rank (a distillation teacher is added
+        by teacher.attach)."""
         device = torch.device(device)
         rank, ws = world()
         torch.manual_seed(cfg.train.seed)  # identical init on every rank before sharding
-        model = build_model(cfg)
+        model = build_model(cfg, uses_step_level=objective_class(cfg.objective.train_type).uses_step_level)
         ema = make_ema(model)  # theta_ema = theta at init (§3.2)
         model = parallelize(model, cfg.train, device)
         ema = parallelize(ema, cfg.train, device)
@@ -66,8 +67,10 @@ class TrainState:
         return self.cfg.train.global_batch // self.world_size
 
     @property
-    def teacher(self) -> nn.Module:
-        return self.ema if self.cfg.objective.bootstrap_ema else self.model
+    def networks(self) -> Networks:
+        """The networks by role, for the objective's target builder."""
+        d = self.distill
+        return Networks(online=self.model, ema=self.ema, teacher=d.online if d else None, teacher_ema=d.ema if d else None)
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -95,7 +98,7 @@ class TrainState:
                              f"objective.train_type={cfg.objective.train_type!r} does not train on pairs")
         pair = {"x0": x0} if x0 is not None else {}  # paired objectives take the stored coupling's noise
         with self.autocast():
-            out = self.objective.loss(self.model, self.teacher, x1, y, gen, **pair)
+            out = self.objective.loss(self.networks, x1, y, gen, self.step, cfg.train.max_steps, **pair)
         out.loss.backward()
         # The official recipe does not clip (pitfall 24); the norm is still computed for logging,
         # without the extra pass over every gradient that clip_grad_norm_(inf) would make.

@@ -156,13 +156,11 @@ class Runner:
             stream.close()
 
     def _flops_per_image(self) -> float:
-        """Training FLOPs per image: 3x forward for the online pass (fwd + bwd) plus the teacher's
-        two no-grad forwards on the bootstrap rows (x2 again for bootstrap CFG rows), DESIGN §5."""
+        """Training FLOPs per image: 3x forward for the online pass (fwd + bwd) plus the objective's extra
+        no-grad forwards per row (teacher half-steps, CFG copies, rollouts), DESIGN §5."""
         cfg = self.cfg
         fwd = flops_per_forward(cfg.model, cfg.data.image_size, cfg.data.channels)
-        lay = self.state.objective.layout
-        teacher_rows = 2 * (lay.n_boot + lay.n_cfg)
-        return fwd * (3 + teacher_rows / lay.local_batch)
+        return fwd * (3 + self.state.objective.extra_forwards_per_row)
 
     def _log(self, metrics, step, t_log, steps, wait, flops_img) -> None:
         m = all_reduce_mean(metrics)  # global-batch averages (one collective, at log steps only)
@@ -180,7 +178,7 @@ class Runner:
                 host["perf/mfu"] = ips / self.world * flops_img / peak
         self.tracker.log_metrics(host, step)
         if self.rank == 0:
-            _say(f"[shortcut-ray] step {step:>7d} loss {host['train/loss']:.4f} flow {host['train/loss_flow']:.4f}"
+            _say(f"[shortcut-ray] step {step:>7d} loss {host['train/loss']:.4f} flow {host.get('train/loss_flow', float('nan')):.4f}"
                   f" boot {host.get('train/loss_bootstrap', float('nan')):.4f} {ips:8.1f} img/s")
 
     # -- sampling ------------------------------------------------------------------------------------
@@ -200,7 +198,8 @@ class Runner:
         for steps in cfg.eval.sample_steps:
             with self.state.autocast():
                 x = sample(model, noise[mine].to(self.device), y[mine].to(self.device), steps,
-                           cfg.eval.cfg_scale, cfg.data.num_classes, cfg.objective.denoise_timesteps)
+                           cfg.eval.cfg_scale, cfg.data.num_classes, cfg.objective.denoise_timesteps,
+                           objective=self.state.objective)
             x = all_gather_rows(x.float().contiguous())
             if self.rank == 0:
                 images = self._to_images(x)

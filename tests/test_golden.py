@@ -34,12 +34,8 @@ C, S, NC, B = 2, 8, 10, 64  # channels, image side, classes, global batch
 
 
 def _objective_api():
-    """The objective entry points, wherever the package keeps them (objective.py before, objectives/ after)."""
-    try:
-        from shortcut_ray.objectives import Networks, build_objective
-    except ImportError:  # before the refactor
-        from shortcut_ray.objective import build_objective
-        return build_objective, lambda online, target: dict(online=online, teacher=target)
+    from shortcut_ray.objectives import Networks, build_objective
+
     return build_objective, lambda online, target: dict(nets=Networks(online=online, ema=target))
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from shortcut_ray.config import ObjectiveConfig
-from shortcut_ray.objective import (FlowMatchingObjective, ShortcutObjective, bootstrap_levels,
-                                    build_objective, flow_velocity, interpolate)
+from shortcut_ray.objectives import (FlowMatchingObjective, Networks, ShortcutObjective, bootstrap_levels,
+                                     build_objective, flow_velocity, interpolate)
 
 EPS = 1e-5
 C, H = 2, 4  # tiny "images" (B, 2, 4, 4)
@@ -92,7 +92,7 @@ def test_linear_fake_model_closed_form():
     o = obj(64, clip_bootstrap=1e9)
     x1, y = batch()
     d = draws_for(o, x1)
-    rows = o.targets(x1, y, d, online=const(0.0), teacher=fake)
+    rows = o.targets(x1, y, d, Networks(online=const(0.0), ema=fake))
     nb = o.layout.n_boot
     k = o.layout.k_boot.float().view(-1, 1, 1, 1)
     dd = 2 ** -k
@@ -109,7 +109,7 @@ def test_constant_velocity_target_is_the_constant(recorder):
     o = obj(64)
     x1, y = batch()
     teacher = recorder(const(0.25))
-    rows = o.targets(x1, y, draws_for(o, x1), online=const(0.0), teacher=teacher)
+    rows = o.targets(x1, y, draws_for(o, x1), Networks(online=const(0.0), ema=teacher))
     assert torch.all(rows.target[: o.layout.n_boot] == 0.25)
     # both teacher calls at level k + 1 (pitfall 2), the second at t + d/2
     k = o.layout.k_boot
@@ -125,7 +125,7 @@ def test_clipping_bootstrap_only(recorder):
     x1, y = batch()
     teacher = recorder(const(100.0))
     d = draws_for(o, x1)
-    rows = o.targets(x1, y, d, online=const(0.0), teacher=teacher)
+    rows = o.targets(x1, y, d, Networks(online=const(0.0), ema=teacher))
     nb = o.layout.n_boot
     assert torch.all(rows.target[:nb] == 4.0)
     x_mid, x_t = teacher.calls[1]["x"], teacher.calls[0]["x"]
@@ -143,7 +143,7 @@ def test_targets_come_from_teacher_not_online(recorder):
     o = obj(64)
     x1, y = batch()
     online, teacher = recorder(const(1.0)), recorder(const(-1.0))
-    rows = o.targets(x1, y, draws_for(o, x1), online=online, teacher=teacher)
+    rows = o.targets(x1, y, draws_for(o, x1), Networks(online=online, ema=teacher))
     assert len(online.calls) == 0 and len(teacher.calls) == 2
     assert torch.all(rows.target[: o.layout.n_boot] == -1.0)
 
@@ -156,11 +156,11 @@ def test_no_gradient_through_targets():
     o = obj(64)
     x1, y = batch()
     d = draws_for(o, x1)
-    rows = o.targets(x1, y, d, online=f, teacher=f)  # teacher = online (bootstrap_ema=0 style)
+    rows = o.targets(x1, y, d, Networks(online=f, ema=f))  # teacher = online (bootstrap_ema=0 style)
     assert not rows.target.requires_grad
     out = o.loss_on(f, rows)
     g1 = torch.autograd.grad(out.loss, list(lin.parameters()))
-    rows_detached = o.targets(x1, y, d, online=f, teacher=f)
+    rows_detached = o.targets(x1, y, d, Networks(online=f, ema=f))
     pred = f(rows_detached.x_t, None, None, None)
     manual = (pred - rows_detached.target.detach()).pow(2).flatten(1).mean(1).mean()
     g2 = torch.autograd.grad(manual, list(lin.parameters()))
@@ -174,21 +174,21 @@ def test_label_dropout_flow_rows_only(recorder):
     x1, y = batch()
     teacher = recorder(lambda x, t, k, yy: yy.float().view(-1, 1, 1, 1).expand_as(x).clone())
     d = draws_for(o, x1)
-    rows = o.targets(x1, y, d, online=const(0.0), teacher=teacher)
+    rows = o.targets(x1, y, d, Networks(online=const(0.0), ema=teacher))
     nb = o.layout.n_boot
     for call in teacher.calls:
         assert not torch.any(call["y"] == 10)
         assert torch.equal(call["y"], y[d.perm][:nb])
     assert torch.all(rows.y[nb:] == 10) and torch.equal(rows.y[:nb], y[d.perm][:nb])
     o2 = obj(64, class_dropout_prob=0.0)
-    rows2 = o2.targets(x1, y, draws_for(o2, x1), online=const(0.0), teacher=const(0.0))
+    rows2 = o2.targets(x1, y, draws_for(o2, x1), Networks(online=const(0.0), ema=const(0.0)))
     assert not torch.any(rows2.y == 10)
 
 
 def test_unconditional_all_null():
     o = obj(64, class_conditional=False, class_dropout_prob=0.0)
     x1, y = batch()
-    rows = o.targets(x1, y, draws_for(o, x1), online=const(0.0), teacher=const(0.0))
+    rows = o.targets(x1, y, draws_for(o, x1), Networks(online=const(0.0), ema=const(0.0)))
     assert torch.all(rows.y == 10)
 
 
@@ -199,7 +199,7 @@ def test_bootstrap_cfg_only_first_rows():
     x1, y = batch(256)
     # output 2 for real labels, 1 for the null label: guided = 1 + w (2 - 1) = 2.5
     fake = lambda x, t, k, yy: torch.where(yy == 10, 1.0, 2.0).view(-1, 1, 1, 1).expand_as(x).clone()
-    rows = o.targets(x1, y, draws_for(o, x1), online=const(0.0), teacher=fake)
+    rows = o.targets(x1, y, draws_for(o, x1), Networks(online=const(0.0), ema=fake))
     n_cfg, nb = o.layout.n_cfg, o.layout.n_boot
     assert n_cfg == 4
     assert torch.all(rows.target[:n_cfg] == 1 + w * (2 - 1))
@@ -212,7 +212,7 @@ def test_loss_is_mean_of_row_mses():
     o = obj(64)
     x1, y = batch()
     online = lambda x, t, k, yy: x * 0.5 + k.float().view(-1, 1, 1, 1) * 0.01
-    rows = o.targets(x1, y, draws_for(o, x1), online=online, teacher=const(0.3))
+    rows = o.targets(x1, y, draws_for(o, x1), Networks(online=online, ema=const(0.3)))
     out = o.loss_on(online, rows)
     per_row = torch.stack([((online(rows.x_t[i:i + 1], rows.t[i:i + 1], rows.k[i:i + 1], rows.y[i:i + 1])
                             - rows.target[i:i + 1]) ** 2).mean() for i in range(64)])
@@ -238,9 +238,9 @@ def test_draws_are_the_only_randomness():
     d = draws_for(o, x1, 7)
     f = lambda x, t, k, yy: torch.sin(x) + t.view(-1, 1, 1, 1)
     torch.manual_seed(123)
-    a = o.targets(x1, y, d, online=f, teacher=f)
+    a = o.targets(x1, y, d, Networks(online=f, ema=f))
     torch.manual_seed(456)
-    b = o.targets(x1, y, d, online=f, teacher=f)
+    b = o.targets(x1, y, d, Networks(online=f, ema=f))
     torch.testing.assert_close(a.target, b.target, rtol=0, atol=0)
 
 
@@ -248,7 +248,7 @@ def test_flow_matching_objective_has_no_bootstrap_rows():
     o = build_objective(ObjectiveConfig(train_type="flow_matching"), 10, 64)
     assert isinstance(o, FlowMatchingObjective) and not o.uses_step_level and o.layout.n_boot == 0
     x1, y = batch()
-    out = o.loss(const(0.0), const(0.0), x1, y, torch.Generator().manual_seed(0))
+    out = o.loss(Networks(const(0.0), const(0.0)), x1, y, torch.Generator().manual_seed(0))
     assert "loss_bootstrap" not in out.metrics and torch.isfinite(out.loss)
 
 
@@ -264,14 +264,14 @@ def test_per_level_metrics_average_to_global_means_across_ranks():
     online = lambda x, t, k, yy: 0.1 * x + 0.01 * k.float().view(-1, 1, 1, 1)
     single = obj(256)
     d1 = draws_for(single, x1)
-    rows1 = single.targets(x1, y, d1, online, const(0.2))
+    rows1 = single.targets(x1, y, d1, Networks(online, const(0.2)))
     ref = single.loss_on(online, rows1).metrics
     world = 4
     outs = [obj(256, world=world, rank=r) for r in range(world)]
     keys = None
     per_rank = []
     for r, o in enumerate(outs):
-        rows = o.targets(x1[r::world][: 64], y[r::world][: 64], draws_for(o, x1[:64], seed=r), online, const(0.2))
+        rows = o.targets(x1[r::world][: 64], y[r::world][: 64], draws_for(o, x1[:64], seed=r), Networks(online, const(0.2)))
         m = o.loss_on(online, rows).metrics
         keys = keys or set(m)
         assert set(m) == keys  # identical keys, so an all-reduce over a stacked vector lines up
@@ -280,8 +280,8 @@ def test_per_level_metrics_average_to_global_means_across_ranks():
     for k in range(7):  # compare with the per-row losses of each rank, pooled by level by hand
         pooled = []
         for r, o in enumerate(outs):
-            rows = o.targets(x1[r::world][: 64], y[r::world][: 64], draws_for(o, x1[:64], seed=r), online,
-                             const(0.2))
+            rows = o.targets(x1[r::world][: 64], y[r::world][: 64], draws_for(o, x1[:64], seed=r),
+                             Networks(online, const(0.2)))
             pred = online(rows.x_t, rows.t, rows.k, rows.y)
             per_row = (pred - rows.target).pow(2).flatten(1).mean(1)[: o.layout.n_boot]
             pooled.append(per_row[o.layout.k_boot == k])

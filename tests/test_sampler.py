@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shortcut_ray.config import ObjectiveConfig
-from shortcut_ray.objective import build_objective
+from shortcut_ray.objectives import Networks, build_objective
 from shortcut_ray.sampler import fixed_noise, k_for_steps, sample, step_schedule
 
 
@@ -114,7 +114,7 @@ def test_bootstrap_target_from_oracle_equals_two_half_steps():
     x1 = x1.float().view(256, 2, 1, 1)
     y = torch.zeros(256, dtype=torch.long)
     d = o.draw(x1, g)
-    rows = o.targets(x1, y, d, online=oracle, teacher=oracle)
+    rows = o.targets(x1, y, d, Networks(online=oracle, ema=oracle))
     nb = o.layout.n_boot
     for i in range(nb):  # explicit Euler half-steps, one row at a time
         k = int(o.layout.k_boot[i])
@@ -127,7 +127,7 @@ def test_bootstrap_target_from_oracle_equals_two_half_steps():
 
 
 def test_maths_layer_imports_neither_ray_nor_mlflow():
-    code = ("import sys; import shortcut_ray, shortcut_ray.model, shortcut_ray.objective, shortcut_ray.sampler, "
+    code = ("import sys; import shortcut_ray, shortcut_ray.model, shortcut_ray.objectives, shortcut_ray.sampler, "
             "shortcut_ray.ema, shortcut_ray.optim, shortcut_ray.config, shortcut_ray.presets; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]; "
             "assert not bad, bad")
