@@ -9,6 +9,10 @@ every step count (DESIGN house style 3). For N a power of two this is exactly th
     near the data. N = 3 -> d = 1/2, 1/4, 1/4; N = 5 -> 1/4, 1/4, 1/4, 1/8, 1/8; N = 6 -> 1/4, 1/4,
     1/8 x 4. Every d is 2^-k with k <= log2 M, a level the model was trained on, and the times t are
     dyadic, so they are exact in floating point.
+
+An objective may replace the schedule and the update (`sample(..., objective=obj)`, see
+objectives/base.py): live reflow queries k = 0 below N = M, consistency models may re-noise
+(multistep), diffusion takes DDIM steps. Guidance is objectives.base.guided_velocity, as in training.
 """
 
 from __future__ import annotations

@@ -74,6 +74,13 @@ def test_config_and_registry_import_neither_torch_nor_models():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_objectives_import_neither_ray_nor_mlflow():
+    code = ("import sys, importlib; from shortcut_ray.objectives import registry; "
+            "[registry.objective_class(n) for n in registry.names()]; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_model_does_not_import_the_objectives():
     code = ("import sys; import shortcut_ray.model; "
             "assert not [m for m in sys.modules if m.startswith('shortcut_ray.objectives')]")
@@ -150,6 +157,16 @@ def test_live_reflow_rollout_guidance(recorder, w):
     assert o.extra_forwards_per_row == 8 * nb * (2 if w == 1.5 else 1) / 64
     out = o.loss_on(lambda x, t, k, yy: torch.zeros_like(x), rows)
     assert "loss_reflow" in out.metrics and "loss_reflow_k0" not in out.metrics
+
+
+def test_live_reflow_unconditional_rollout_is_one_null_call(recorder):
+    o = obj("live_reflow", cfg_scale=1.5, class_conditional=False)
+    x1, y = data()
+    online = recorder(label_fake(2.0, 1.0))
+    rows = o.targets(x1, y, o.draw(x1, torch.Generator()), Networks(online=online))
+    nb = o.layout.n_boot
+    assert all(c["x"].shape[0] == nb and torch.all(c["y"] == NULL) for c in online.calls)
+    assert torch.all(rows.y == NULL) and o.extra_forwards_per_row == 8 * nb / 64
 
 
 def test_live_reflow_sampling_levels(recorder):

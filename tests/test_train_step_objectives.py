@@ -17,8 +17,8 @@ C, S, NC, B = 1, 8, 10, 16
 
 def config(train_type: str, max_steps: int = 7, **objective) -> Config:
     return Config(model=model_config("DiT-T/2", hidden_size=32, depth=1),
-                  objective=ObjectiveConfig(train_type=train_type, bootstrap_every=2 if train_type == "live_reflow" else 8,
-                                            **objective),
+                  objective=ObjectiveConfig(train_type=train_type,
+                                            bootstrap_every=2 if train_type == "live_reflow" else 8, **objective),
                   data=DataConfig(image_size=S, channels=C, num_classes=NC),
                   train=TrainConfig(global_batch=B if train_type != "shortcut" else 64, max_steps=max_steps,
                                     precision="fp32"))

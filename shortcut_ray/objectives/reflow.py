@@ -36,8 +36,13 @@ class LiveReflow(FlowMatchingObjective):
                                 "reflow", self.cfg.bootstrap_every)
 
     @property
+    def rollout_guidance(self) -> float:
+        """w of the rollout calls; unconditional runs (every label null) need one plain call per step."""
+        return self.cfg.cfg_scale if self.cfg.class_conditional else 1.0
+
+    @property
     def guided_rollout(self) -> bool:
-        return self.cfg.cfg_scale not in (0.0, 1.0)
+        return self.rollout_guidance not in (0.0, 1.0)
 
     @property
     def extra_forwards_per_row(self) -> float:
@@ -55,7 +60,7 @@ class LiveReflow(FlowMatchingObjective):
         k = torch.full_like(y, self.L)
         for i in range(n):
             t = torch.full((x.shape[0],), i / n, device=x.device)
-            x = x + guided_velocity(net, x, t, k, y, self.cfg.cfg_scale, self.null) / n
+            x = x + guided_velocity(net, x, t, k, y, self.rollout_guidance, self.null) / n
         return x
 
     def _front_rows(self, x1, y, draws, nets: Networks, diag):
