@@ -326,9 +326,9 @@ def _manifest(plan: PairPlan, tcfg: Config, tmeta: dict, records: list[dict]) ->
 
 def uses_pairs(train_type: str) -> bool:
     """Whether the objective trains on a stored coupling (its registry class sets `uses_pairs = True`)."""
-    from .objective import OBJECTIVES
+    from .objectives import objective_class
 
-    return bool(getattr(OBJECTIVES.get(train_type), "uses_pairs", False))
+    return bool(getattr(objective_class(train_type), "uses_pairs", False))
 
 
 def check_paired(cfg: Config, info: dict, uri: str) -> None:
@@ -336,9 +336,9 @@ def check_paired(cfg: Config, info: dict, uri: str) -> None:
     cluster work; shape/channels/classes are data.check_matches' job)."""
     tt = cfg.objective.train_type
     if info.get("paired") and not uses_pairs(tt):
-        from .objective import OBJECTIVES
+        from .objectives import names
 
-        users = [name for name, cls in OBJECTIVES.items() if getattr(cls, "uses_pairs", False)]
+        users = [name for name in names() if uses_pairs(name)]
         raise ConfigError(f"dataset {uri} is a paired (reflow) dataset but objective.train_type={tt!r} would "
                           f"ignore its stored noise; " + (f"train it with objective.train_type in {users}" if users
                                                           else "no objective in this build trains on stored pairs yet"))

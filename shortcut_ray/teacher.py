@@ -44,12 +44,15 @@ DATA_FIELDS = ("image_size", "channels", "num_classes", "kind")
 
 
 def _registry_flag(train_type: str, name: str, fallback: frozenset) -> bool:
-    """An objective class's `needs_teacher` / `refreshes_teacher` attribute when the registry defines
-    it, else the built-in set (the registry is the one source of names once it carries the flags)."""
-    from .objective import OBJECTIVES
+    """The registry class's `needs_teacher` / `refreshes_teacher` attribute (the built-in set for a name
+    the registry does not know)."""
+    from .objectives import objective_class
 
-    value = getattr(OBJECTIVES.get(train_type), name, None)
-    return bool(value) if value is not None else train_type in fallback
+    try:
+        cls = objective_class(train_type)
+    except ValueError:
+        return train_type in fallback
+    return bool(getattr(cls, name, False))
 
 
 def needs_teacher(train_type: str) -> bool:
@@ -63,8 +66,11 @@ def refreshes_teacher(train_type: str) -> bool:
 
 
 def pd_stage(step: int, max_steps: int) -> int:
-    """Stage 0..6 of progressive distillation at 0-based `step` (k = 6 - stage, pitfall 22; clamped)."""
-    return min(max(PD_STAGES * step // max_steps, 0), PD_STAGES - 1)
+    """Stage 0..6 of progressive distillation at 0-based `step` (k = 6 - stage, pitfall 22; clamped): the
+    formula of objectives.progressive.ProgressiveDistillation.stage."""
+    from .objectives.consistency import curriculum_level
+
+    return curriculum_level(step, max_steps, PD_STAGES)
 
 
 # -- driver side: checks ---------------------------------------------------------------------------
@@ -224,8 +230,10 @@ def build_teacher(cfg: Config, path: str, device: torch.device, progressive: boo
     """Frozen teacher (online + EMA) from the local checkpoint dir `path`, sharded like the student."""
     from .distributed import parallelize
     from .model import build_model
+    from .objectives import objective_class
 
-    online, ema = build_model(cfg), build_model(cfg)
+    uses_k = objective_class("flow_matching").uses_step_level  # the teacher is a flow-matching DiT
+    online, ema = build_model(cfg, uses_step_level=uses_k), build_model(cfg, uses_step_level=uses_k)
     online = parallelize(freeze(online), cfg.train, device)
     ema = parallelize(freeze(ema), cfg.train, device)
     load_weights(path, {"model": online, "ema": ema})

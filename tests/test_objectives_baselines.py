@@ -74,8 +74,10 @@ def test_pd_stages_run_fine_to_coarse_and_refresh_at_switches():
         for step in range(max_steps + 1):
             stage = min(6, math.floor(Fraction(step) / (Fraction(max_steps) / 7)))
             assert o.level(step, max_steps) == 6 - stage
-    due = [s for s in range(700) if o.refresh_teacher_due(s, 700)]
-    assert due == [100, 200, 300, 400, 500, 600]  # exactly at each stage switch, never at step 0
+    from shortcut_ray.teacher import pd_stage  # the teacher refresh uses the same stage formula
+
+    assert all(pd_stage(s, m) == o.stage(s, m) for m in (700, 1000, 9) for s in range(-1, m + 1))
+    assert o.refreshes_teacher and not obj("consistency_distillation").refreshes_teacher
 
 
 @pytest.mark.parametrize("train_type", ["consistency", "progressive"])

@@ -11,7 +11,7 @@ import torch
 
 from shortcut_ray.config import Config, ConfigError, ObjectiveConfig, TrainConfig
 from shortcut_ray.objectives import Draws, Networks, build_objective, guided_velocity, names, objective_class
-from shortcut_ray.objectives.reflow import PairDraws, split_pair
+from shortcut_ray.objectives.reflow import PairDraws
 from shortcut_ray.sampler import fixed_noise, sample
 
 C, H, NULL = 2, 4, 10
@@ -187,19 +187,23 @@ def test_live_reflow_sampling_levels(recorder):
 def test_paired_flow_matching_uses_the_stored_coupling():
     eps = 1e-5
     o = obj("reflow", class_dropout_prob=0.5)
-    pairs, y = data(channels=2 * C)
-    x0, x1 = pairs[:, :C], pairs[:, C:]
-    d = o.draw(pairs, torch.Generator().manual_seed(0))
+    assert o.uses_pairs and not obj("flow_matching").uses_pairs
+    x1, y = data()
+    x0 = torch.randn_like(x1)
+    d = o.draw(x1, torch.Generator().manual_seed(0))
     assert isinstance(d, PairDraws) and d.drop.any() and not d.drop.all()
-    rows = o.targets(pairs, y, d, Networks(online=never))
+    rows = o.targets(x1, y, d, Networks(online=never), x0=x0)
     torch.testing.assert_close(rows.x_t, (1 - (1 - eps) * rowv(d.t)) * x0 + rowv(d.t) * x1)
     torch.testing.assert_close(rows.target, x1 - (1 - eps) * x0)
     assert torch.equal(rows.y, torch.where(d.drop, NULL, y)) and torch.all(rows.k == 7)
     assert torch.equal(d.t * 128, (d.t * 128).round())
-    a, b = split_pair(pairs)
-    assert torch.equal(a, x0) and torch.equal(b, x1)
-    with pytest.raises(ValueError, match="2C channels"):
-        split_pair(torch.zeros(2, 3, 4, 4))
+    zero = lambda x, t, k, yy: torch.zeros_like(x)  # noqa: E731
+    out = o.loss(Networks(online=zero), x1, y, torch.Generator().manual_seed(0), x0=x0)
+    torch.testing.assert_close(out.loss, (x1 - (1 - eps) * x0).pow(2).mean())
+    with pytest.raises(ValueError, match="needs x0"):
+        o.loss(Networks(online=zero), x1, y, torch.Generator())
+    with pytest.raises(ValueError, match="does not train on stored"):
+        obj("flow_matching").loss(Networks(online=zero), x1, y, torch.Generator(), x0=x0)
 
 
 # -- diffusion (§6.6) ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from shortcut_ray import data, pairs, shards
 from shortcut_ray.checkpoint import load_for_inference
 from shortcut_ray.config import ConfigError, DataConfig, apply_overrides
-from shortcut_ray.objective import FlowMatchingObjective
+from shortcut_ray.objectives.flow_matching import FlowMatchingObjective
 from shortcut_ray.sampler import sample
 from tests.test_teacher import _cfg, _save_teacher
 

@@ -11,7 +11,7 @@ import torch
 
 from shortcut_ray import checkpoint, teacher
 from shortcut_ray.config import ConfigError, apply_overrides
-from shortcut_ray.objective import FlowMatchingObjective
+from shortcut_ray.objectives.flow_matching import FlowMatchingObjective
 from shortcut_ray.presets import get_preset
 from shortcut_ray.train_step import TrainState
 

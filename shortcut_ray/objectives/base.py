@@ -7,6 +7,9 @@ One signature for every method, resolved once from the registry:
     rows = obj.targets(x1, y, draws, nets, step, max_steps)           # pure function of its inputs
     out = obj.loss(nets, x1, y, generator, step, max_steps)           # = draw + targets + one MSE forward
 
+Paired datasets (two-stage reflow, §6.6) add the stored noise: `loss(..., x0=x0)` and
+`targets(..., x0=x0)` for objectives with `uses_pairs` (batches are (x1, y, x0), see data.split_paired).
+
 `nets` holds the networks by role (online, ema, teacher, teacher_ema); each objective says which it
 calls. `step` is the number of optimiser steps already taken (0-based) and `max_steps` the run's
 length; curricula and distillation stages are functions of the two. Keeping the draws apart from the
@@ -169,7 +172,9 @@ class Objective:
     """
 
     uses_step_level: bool = False  # whether k reaches TE_k (official: False = ignore_dt, §1.1 item 3)
-    needs_teacher: bool = False  # needs Networks.teacher / teacher_ema (two-stage methods)
+    needs_teacher: bool = False  # needs Networks.teacher / teacher_ema (two-stage methods, teacher.py)
+    refreshes_teacher: bool = False  # the teacher becomes a copy of the student at stage switches (PD)
+    uses_pairs: bool = False  # trains on a stored (x0, x1) coupling: batches carry x0
     sampler: str = "euler"  # 'euler' | 'multistep' (consistency) | 'ddim' (diffusion)
 
     def __init__(self, cfg: ObjectiveConfig, num_classes: int, global_batch: int, rank: int = 0, world: int = 1):
@@ -209,9 +214,12 @@ class Objective:
         return y if self.cfg.class_conditional else torch.full_like(y, self.null)
 
     def loss(self, nets: Networks, x1: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
-             step: int = 0, max_steps: int = 1) -> ObjectiveOutput:
+             step: int = 0, max_steps: int = 1, x0: torch.Tensor | None = None) -> ObjectiveOutput:
         draws = self.draw(x1, generator, step, max_steps)
-        return self.loss_on(nets.online, self.targets(x1, y, draws, nets, step, max_steps))
+        if x0 is not None and not self.uses_pairs:
+            raise ValueError(f"{type(self).__name__} does not train on stored (x0, x1) pairs, but x0 was given")
+        pair = {"x0": x0} if self.uses_pairs else {}
+        return self.loss_on(nets.online, self.targets(x1, y, draws, nets, step, max_steps, **pair))
 
     def loss_on(self, online: VelocityModel, rows: Rows) -> ObjectiveOutput:
         """Plain MSE over all rows, every row weighted equally (§2.7)."""

@@ -11,8 +11,9 @@ stages use w = 1, i.e. the conditional output (the official code runs 2B rows wi
 rounding, 2.4e-7).
 
 The teacher is replaced by a copy of the student (params and EMA) at each stage switch
-(`refresh_teacher_due`); the official loop refreshes every max_steps // 7 steps on its loop index, 2-3
-steps before the switch; here it is exactly at the switch.
+(`refreshes_teacher`; done by teacher.DistillTeacher.before_step with the same stage formula); the
+official loop refreshes every max_steps // 7 steps on its loop index, 2-3 steps before the switch; here it
+is exactly at the switch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .consistency import LevelDraws, draw_level
 
 class ProgressiveDistillation(Objective):
     needs_teacher = True
+    refreshes_teacher = True  # teacher.DistillTeacher.before_step copies the student at stage switches
 
     @property
     def extra_forwards_per_row(self) -> float:
@@ -36,10 +38,6 @@ class ProgressiveDistillation(Objective):
 
     def level(self, step: int, max_steps: int) -> int:
         return self.L - 1 - self.stage(step, max_steps)
-
-    def refresh_teacher_due(self, step: int, max_steps: int) -> bool:
-        """True at the first step of every stage after the first: copy the student into the teacher."""
-        return step > 0 and self.stage(step, max_steps) != self.stage(step - 1, max_steps)
 
     def guidance(self, k: int) -> float:
         return self.cfg.cfg_scale if self.cfg.bootstrap_cfg and k == self.L - 1 else 1.0

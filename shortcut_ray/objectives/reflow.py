@@ -8,9 +8,10 @@ x_t = (1-(1-eps)t) z + t x_hat, t = j/M, onto x_hat - z (no (1-eps) factor), wit
 z is drawn independently of the flow noise (the official code's key reuse makes them equal); tests may
 inject any draws. Sampling: k = 0 at every step for N < M, k = L at N = M.
 
-Paired data ('reflow'): each example is a pair stored as ONE tensor with 2C channels, [x0 | x1] on the
-channel axis (noise first, data second), as the official "latent" datasets do; `split_pair` is the one
-place that reads this convention. Flow matching then uses the given x0 instead of fresh noise.
+Paired data ('reflow'): a paired dataset (jobs.generate_pairs) yields batches (x1, y, x0) with x0 the
+stored noise that the teacher carried to x1 (data.split_paired is the one place that knows the tuple).
+Flow matching then uses the given x0 instead of fresh noise (the official code stores [x0 | x1] on
+channels; same coupling, different container).
 """
 
 from __future__ import annotations
@@ -77,14 +78,6 @@ class LiveReflow(FlowMatchingObjective):
         return steps if num_steps >= self.M else [SampleStep(s.t, s.d, 0) for s in steps]
 
 
-def split_pair(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 2C, H, W) [x0 | x1] -> x0 (noise), x1 (data), each (B, C, H, W)."""
-    if batch.dim() != 4 or batch.shape[1] % 2:
-        raise ValueError(f"a paired batch has 2C channels, [noise | data] on dim 1; got shape {tuple(batch.shape)}. "
-                         f"Train 'reflow' on a paired dataset (e.g. generated from a flow-matching teacher)")
-    return batch.chunk(2, dim=1)
-
-
 @dataclass
 class PairDraws:
     t: torch.Tensor  # (b,) on {j / M}
@@ -94,7 +87,7 @@ class PairDraws:
 class PairedFlowMatching(FlowMatchingObjective):
     """§6.1 on pairs: every row a flow row with the stored x0; label dropout, t = j/M, level L."""
 
-    paired_input = True  # x1 arrives as [x0 | x1] with 2C channels (split_pair)
+    uses_pairs = True  # batches are (x1, y, x0): x0 the stored noise the teacher carried to x1
 
     def draw(self, x1: torch.Tensor, generator: torch.Generator, step: int = 0, max_steps: int = 1) -> PairDraws:
         self._check_batch(x1)
@@ -104,12 +97,16 @@ class PairedFlowMatching(FlowMatchingObjective):
         return PairDraws(j.float() / self.M, drop)
 
     def targets(self, x1: torch.Tensor, y: torch.Tensor, draws: PairDraws, nets: Networks, step: int = 0,
-                max_steps: int = 1) -> Rows:
-        x0, data = split_pair(x1.float())
+                max_steps: int = 1, x0: torch.Tensor | None = None) -> Rows:
+        if x0 is None or x0.shape != x1.shape:
+            raise ValueError(f"objective.train_type='reflow' trains on stored pairs: every batch needs x0 with x1's "
+                             f"shape {tuple(x1.shape)}, got {None if x0 is None else tuple(x0.shape)}; train it on a "
+                             f"paired dataset from `python -m jobs.generate_pairs`")
+        x0, x1 = x0.float(), x1.float()
         y = self.labels(y)
         y_f = torch.where(draws.drop, torch.full_like(y, self.null), y)
-        x_t = interpolate(x0, data, draws.t, self.cfg.eps)
-        v = flow_velocity(x0, data, self.cfg.eps)
+        x_t = interpolate(x0, x1, draws.t, self.cfg.eps)
+        v = flow_velocity(x0, x1, self.cfg.eps)
         k = torch.full_like(y, self.L)
         diag = {"label_drop_frac": draws.drop.float().mean()}
         return Rows(x_t, draws.t, k, y_f, v.detach(), 0, diag)
