@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, DataConfig, ModelConfig, apply_overrides
+from .objectives.registry import ALIASES
 
 
 class OfficialFormatError(ValueError):
@@ -274,8 +275,7 @@ def state_dict_from_tree(params: dict, shape: TreeShape) -> dict[str, torch.Tens
 
 # -- config: the shape from the tree, the rest from a recipe or flags --------------------------------
 
-TRAIN_TYPES = {"naive": "flow_matching",  # official --model.train_type -> ours (others keep their name)
-               "consistency-distillation": "consistency_distillation"}
+TRAIN_TYPES = dict(ALIASES)  # official --model.train_type -> ours (others keep their name): the registry's aliases
 
 
 def _tiny(train_type: str, num_classes: int, conditional: bool) -> Config:
@@ -377,11 +377,13 @@ def load_tree(model: torch.nn.Module, params: dict, shape: TreeShape, what: str)
 def build_imported(cfg: Config, train_state: dict) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """(online model, EMA model, report) from an official train_state, for a Config from import_config."""
     from .model import build_model
+    from .objectives import objective_class
 
     shape = infer_shape(train_state["params"])
     if not isinstance(train_state.get("params_ema"), dict):
         raise OfficialFormatError("train_state has no params_ema tree; official train.py always writes one")
-    model, ema = build_model(cfg), build_model(cfg)
+    uses_k = objective_class(cfg.objective.train_type).uses_step_level  # the official ignore_dt
+    model, ema = build_model(cfg, uses_step_level=uses_k), build_model(cfg, uses_step_level=uses_k)
     n_online = load_tree(model, train_state["params"], shape, "params")
     n_ema = load_tree(ema, train_state["params_ema"], shape, "params_ema")
     flat = flatten(train_state["params"])
