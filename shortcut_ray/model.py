@@ -61,22 +61,43 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats)  # (B, D)
 
 
+def _fuse_legacy_qkv(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: checkpoints written before the fused projection (and importers of
+    the official weights) carry `<prefix>q/k/v.{weight,bias}`; stack them into `<prefix>qkv.*`."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{part}.{kind}" for part in ("q", "k", "v")]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v maps and the official 1/head_dim scale (§1.1)."""
+    """Multi-head self-attention, one fused q/k/v projection, the official 1/head_dim scale (§1.1).
+
+    `qkv` is one Linear(D, 3D) whose rows are [q; k; v]; it is initialised as three D x D Xavier
+    blocks in that order (the same draws as three separate layers), and `q`, `k`, `v` remain
+    available as functions of x for tests and readers."""
 
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
         self.head_dim = hidden // heads
         self.scale = 1.0 / self.head_dim  # pitfall 5: not 1/sqrt(head_dim)
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(hidden, hidden)
-        self.v = nn.Linear(hidden, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        self.register_load_state_dict_pre_hook(_fuse_legacy_qkv)
+
+    def _part(self, i: int):
+        d = self.qkv.in_features
+        return lambda x: F.linear(x, self.qkv.weight[i * d:(i + 1) * d], self.qkv.bias[i * d:(i + 1) * d])
+
+    q = property(lambda self: self._part(0))
+    k = property(lambda self: self._part(1))
+    v = property(lambda self: self._part(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (m(x).view(b, n, self.heads, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
+        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+        q, k, v = qkv.unbind(0)
         # SDPA picks flash / memory-efficient kernels on GPU; both accumulate the softmax in fp32.
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, H, N, hd)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
@@ -147,7 +168,9 @@ class ShortcutDiT(nn.Module):
         """Exact official init (§1.2): Xavier everywhere, N(0, .02) embedders, zeros in the final layer."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                parts = 3 if any(m is blk.attn.qkv for blk in self.blocks) else 1
+                for w in m.weight.chunk(parts):  # fused q/k/v: three D x D Xavier blocks, in order
+                    nn.init.xavier_uniform_(w)
                 nn.init.zeros_(m.bias)
         w = self.x_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the conv viewed as a linear: fan_in = p*p*C
