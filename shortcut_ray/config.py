@@ -214,9 +214,13 @@ class TrainConfig:
     """CPUs reserved per worker; leave spare CPUs for Ray Data tasks (RAY_NOTES §2)."""
     precision: str = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
-    compile: bool = False
-    """torch.compile each DiT block."""
+    compile: str = "auto"
+    """torch.compile: 'auto' (on for CUDA, off on CPU), 'on' or 'off' (true/false accepted). Single
+    process: the whole forward, one graph; FSDP2: each block plus embedding and head (distributed.py)."""
     activation_checkpointing: bool = False
+    activation_checkpointing_policy: str = "full"
+    """With activation_checkpointing: 'full' recomputes whole blocks; 'selective' keeps matmul and
+    attention outputs and recomputes only elementwise ops and LayerNorms."""
     log_every: int = 50
     sample_every: int = 1000
     """Sample grids at N = 1, 2, 4, ..., M from fixed noise."""
@@ -243,6 +247,14 @@ class TrainConfig:
                f"({self.num_workers}); e.g. set train.global_batch={self.num_workers * max(1, self.global_batch // self.num_workers)}")
         _check(self.precision in ("auto", "bf16", "fp32"),
                f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        compile_mode = {True: "on", False: "off", "true": "on", "false": "off"}.get(
+            str(self.compile).lower() if isinstance(self.compile, str) else self.compile, self.compile)
+        object.__setattr__(self, "compile", compile_mode)  # old configs and --set say true/false
+        _check(self.compile in ("auto", "on", "off"),
+               f"train.compile must be 'auto', 'on' or 'off', got {self.compile!r}")
+        _check(self.activation_checkpointing_policy in ("full", "selective"),
+               f"train.activation_checkpointing_policy must be 'full' or 'selective', "
+               f"got {self.activation_checkpointing_policy!r}")
         _check(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         _check(self.num_to_keep >= 1, f"train.num_to_keep must be >= 1, got {self.num_to_keep}")
 

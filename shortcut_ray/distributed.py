@@ -8,6 +8,8 @@ torch.distributed; the process group itself is created by Ray Train (gloo on CPU
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,23 +31,26 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
+def resolve_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """train.compile 'auto' compiles on GPU only (inductor on CPU costs minutes of build for little gain)."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
 def parallelize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """Move to device; compile blocks; checkpoint activations; FSDP2-shard each block then the root.
+    """Move to device; checkpoint activations; compile; FSDP2-shard embedders, blocks, then the root.
 
     Parameters stay float32 (master weights, optimiser state and EMA in fp32); with bf16 the FSDP2
-    mixed-precision policy all-gathers bf16 copies for compute and reduces gradients in fp32.
+    mixed-precision policy all-gathers bf16 copies for compute and reduces gradients in fp32, except
+    the second linear of each timestep embedder, sharded on its own with an fp32 policy (§1.3).
     """
     model.to(device)
     blocks = model.blocks
     if cfg.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for i, blk in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(blk)
-    if cfg.compile:
-        for blk in blocks:
-            blk.compile(dynamic=False)
-    if not (dist.is_available() and dist.is_initialized()):
+        _checkpoint_blocks(blocks, cfg.activation_checkpointing_policy)
+    sharded = dist.is_available() and dist.is_initialized()
+    if resolve_compile(cfg, device):
+        _compile(model, whole=not sharded)
+    if not sharded:
         return model  # single process: plain module (train_step uses autocast for bf16)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -54,10 +59,88 @@ def parallelize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.
     mp = MixedPrecisionPolicy()
     if resolve_precision(cfg, device) == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for emb in (model.t_embed, model.k_embed):  # fp32 compute for the embedders' second linear
+        fully_shard(emb.mlp[2], mesh=mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=True)
     for blk in blocks:
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     return model
+
+
+# -- compile and activation checkpointing ------------------------------------------------------------
+
+# dynamic=False with batch buckets (ShortcutDiT.batch_bucket): every batch size the model sees is a
+# training size or a power of two, so the shapes are few and known. One graph per (shape, grad mode);
+# the recompile limit is raised to cover them (training sizes + 2^0..2^16 buckets, with and without
+# grad) instead of marking the batch dynamic, which would cost the specialised kernels of every size.
+RECOMPILE_LIMIT = 64
+
+
+def _compile(model: nn.Module, whole: bool, backend="inductor") -> None:
+    """Compile the whole forward (single process, fullgraph: no graph breaks), or under FSDP2 each
+    block plus the embedding and head regions (the FSDP2 hooks run between them)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    model.pad_batches = True
+    if whole:
+        model._forward = torch.compile(model._forward, dynamic=False, fullgraph=True, backend=backend)
+        return
+    for blk in model.blocks:
+        blk.compile(dynamic=False, backend=backend)
+    model._embed = torch.compile(model._embed, dynamic=False, backend=backend)
+    model._head = torch.compile(model._head, dynamic=False, backend=backend)
+
+
+def _checkpoint_blocks(blocks: nn.ModuleList, policy: str) -> None:
+    """'full': recompute each block in the backward; 'selective': keep the matmul and attention
+    outputs and recompute only the cheap elementwise ops and LayerNorms (about half the saved bytes
+    of a DiT block for a few percent more time)."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    kwargs = {}
+    if policy == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
+    for i, blk in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(blk, **kwargs)
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+@contextlib.contextmanager
+def gathered_teacher(teacher: nn.Module):
+    """Keep a sharded no-grad teacher (the EMA) gathered across its calls inside the block: one
+    all-gather per module per step instead of one per call (the shortcut teacher is called twice).
+    Costs the module's parameters in the compute dtype (params x 2 bytes in bf16) for the duration;
+    resharded on exit, before the EMA update writes the shards (no stale copy can survive)."""
+    if not is_sharded(teacher) or any(p.requires_grad for p in teacher.parameters()):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = [m for m in teacher.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -58,7 +58,20 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         feats = timestep_features(value, self.freq_dim).to(self.mlp[0].weight.dtype)  # (B, 256)
-        return self.mlp(feats)  # (B, D)
+        h = self.mlp[1](self.mlp[0](feats))  # compute dtype (bf16 under autocast / FSDP2 bf16)
+        # §1.3: the second linear runs in float32. Autocast is switched off for it; under FSDP2 it is
+        # sharded on its own with a float32 policy (distributed.parallelize), so its weight is fp32 too.
+        with torch.autocast(h.device.type, enabled=False):
+            return self.mlp[2](h.float())  # (B, D) float32
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in its input's dtype even under autocast (which would run it in fp32 and emit fp32):
+    bf16 activations on the single-process autocast path, as on the FSDP2 bf16 path (§1.3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x)
 
 
 def _fuse_legacy_qkv(module, state_dict, prefix, *args) -> None:
@@ -108,9 +121,9 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, eps=LN_EPS, elementwise_affine=False)
+        self.norm1 = LayerNorm(hidden, eps=LN_EPS, elementwise_affine=False)
         self.attn = Attention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, eps=LN_EPS, elementwise_affine=False)
+        self.norm2 = LayerNorm(hidden, eps=LN_EPS, elementwise_affine=False)
         mlp_hidden = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(mlp_hidden, hidden))
@@ -127,7 +140,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden: int, patch: int, out_channels: int):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden, eps=LN_EPS, elementwise_affine=False)
+        self.norm = LayerNorm(hidden, eps=LN_EPS, elementwise_affine=False)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
 
@@ -200,12 +213,37 @@ class ShortcutDiT(nn.Module):
             k = torch.zeros_like(k)
         return self.t_embed(t) + self.k_embed(k.float()) + self.y_embed(y)  # (B, D)
 
+    # Fixed batch sizes for compiled graphs (distributed._compile): a batch that is not one of the
+    # registered training sizes is zero-padded up to the next power of two and the output sliced, so
+    # sampling and evaluation at any batch size reuse a handful of graphs. Rows are independent.
+    exact_batches: frozenset = frozenset()
+    pad_batches: bool = False
+
+    def batch_bucket(self, b: int) -> int:
+        if not self.pad_batches or b in self.exact_batches:
+            return b
+        return 1 << (b - 1).bit_length()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tokens = self.x_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major over the patch grid
-        tokens = tokens + self.pos_embed.to(tokens.dtype)
-        c = self.condition(t, k, y)  # (B, D)
+        b = x.shape[0]
+        pad = self.batch_bucket(b) - b
+        if pad == 0:
+            return self._forward(x, t, k, y)
+        x, t, k, y = (torch.cat([v, v.new_zeros((pad, *v.shape[1:]))]) for v in (x, t, k, y))
+        return self._forward(x, t, k, y)[:b]
+
+    def _forward(self, x, t, k, y):
+        tokens, c = self._embed(x, t, k, y)
         for blk in self.blocks:
             tokens = blk(tokens, c)  # (B, N, D)
+        return self._head(tokens, c)
+
+    def _embed(self, x, t, k, y):
+        tokens = self.x_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major over the patch grid
+        c = self.condition(t, k, y).to(tokens.dtype)  # fp32 embedders (§1.3), consumed in the compute dtype
+        return tokens + self.pos_embed.to(tokens.dtype), c  # (B, N, D), (B, D)
+
+    def _head(self, tokens, c):
         return self.unpatchify(self.final(tokens, c))  # (B, C, H, W)
 
 

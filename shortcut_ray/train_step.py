@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .distributed import is_sharded, parallelize, resolve_precision, world
+from .distributed import gathered_teacher, is_sharded, parallelize, resolve_precision, world
 from .ema import make_ema, update_ema
 from .model import build_model
 from .objectives import Networks, Objective, build_objective, objective_class
@@ -60,6 +60,9 @@ class TrainState:
         ema = parallelize(ema, cfg.train, device)
         optimizer = build_optimizer(model.parameters(), cfg.optim)
         objective = build_objective(cfg.objective, cfg.data.num_classes, cfg.train.global_batch, rank, ws)
+        lay = objective.layout  # the step's batch sizes: compiled graphs use them unpadded
+        for m in (model, ema):
+            m.exact_batches = frozenset({lay.local_batch, lay.n_boot, lay.n_boot + lay.n_cfg} - {0})
         return cls(cfg, model, ema, optimizer, objective, device, rank, ws)
 
     @property
@@ -78,7 +81,9 @@ class TrainState:
         return self.ema if self.cfg.ema.eval_with_ema else self.model
 
     def autocast(self):
-        """bf16 autocast for unsharded models; FSDP2's mixed-precision policy handles sharded ones."""
+        """bf16 autocast for unsharded models; FSDP2's mixed-precision policy handles sharded ones.
+        Either way activations are bf16 (model.LayerNorm keeps its input dtype under autocast) and
+        the loss is fp32 (the objective promotes the model output)."""
         if resolve_precision(self.cfg.train, self.device) == "bf16" and not is_sharded(self.model):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -97,7 +102,7 @@ class TrainState:
             raise ValueError(f"the batch carries stored noise x0 (a paired dataset, ALGORITHM §6.6) but "
                              f"objective.train_type={cfg.objective.train_type!r} does not train on pairs")
         pair = {"x0": x0} if x0 is not None else {}  # paired objectives take the stored coupling's noise
-        with self.autocast():
+        with self.autocast(), gathered_teacher(self.ema):  # one EMA all-gather per step (FSDP2)
             out = self.objective.loss(self.networks, x1, y, gen, self.step, cfg.train.max_steps, **pair)
         out.loss.backward()
         # The official recipe does not clip (pitfall 24); the norm is still computed for logging,

@@ -4,6 +4,7 @@ the FLOP accounting against torch's FlopCounterMode."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -72,3 +73,222 @@ def test_legacy_qkv_checkpoint_loads_strict():
         assert torch.equal(dst.state_dict()[key], val), key
     args = inputs()
     assert torch.equal(dst(*args), src(*args))
+
+
+# -- precision: §1.3 embedders, bf16 activations on both paths ------------------------------------------
+
+def tiny_config(train_type: str = "shortcut", batch: int = 16, **train):
+    from shortcut_ray.config import Config, DataConfig, EvalConfig, ObjectiveConfig, TrainConfig
+
+    return Config(model=ModelConfig(hidden_size=32, depth=2, num_heads=2),
+                  eval=EvalConfig(sample_steps=(1, 8), fid_steps=(1,)),
+                  data=DataConfig(image_size=8, channels=4, num_classes=10),
+                  objective=ObjectiveConfig(train_type=train_type, denoise_timesteps=8, bootstrap_every=4,
+                                            bootstrap_cfg=train_type == "shortcut"),
+                  train=TrainConfig(global_batch=batch, max_steps=10, **train))
+
+
+def test_timestep_embedder_second_linear_fp32_under_autocast():
+    m = tiny()
+    emb = m.t_embed
+    t = torch.rand(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = emb(t)
+        h = emb.mlp[1](emb.mlp[0](_feats(t)))
+    assert h.dtype == torch.bfloat16  # the first linear follows autocast (compute dtype)
+    assert out.dtype == torch.float32
+    ref = F.linear(h.float(), emb.mlp[2].weight, emb.mlp[2].bias)  # second linear in fp32 on the same h
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    full = emb.mlp[2](emb.mlp[1](emb.mlp[0](_feats(t))))  # all-fp32 reference: only the bf16 first linear differs
+    torch.testing.assert_close(out, full, atol=2e-3, rtol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what plain autocast would have done
+        assert emb.mlp(_feats(t)).dtype == torch.bfloat16
+
+
+def _feats(t):
+    from shortcut_ray.model import timestep_features
+
+    return timestep_features(t)
+
+
+def _activation_dtypes(model, args) -> dict[str, torch.dtype]:
+    seen = {}
+    hooks = [mod.register_forward_hook(lambda mod, i, o, name=name: [seen.setdefault(name, o.dtype)] and None)
+             for name, mod in model.named_modules() if name in ("blocks.0", "blocks.0.norm1", "final.norm",
+                                                                 "t_embed", "blocks.0.attn.qkv")]
+    out = model(*args)
+    for h in hooks:
+        h.remove()
+    seen["out"] = out.dtype
+    return seen
+
+
+BF16_PATH = {"blocks.0": torch.bfloat16, "blocks.0.norm1": torch.bfloat16, "final.norm": torch.bfloat16,
+             "blocks.0.attn.qkv": torch.bfloat16, "t_embed": torch.float32, "out": torch.bfloat16}
+
+
+def test_autocast_path_has_bf16_activations():
+    m = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _activation_dtypes(m, inputs()) == BF16_PATH
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real one-rank gloo process group (what Ray Train creates even for one worker)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _batch(cfg, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    b, c, s = cfg.train.global_batch, cfg.data.channels, cfg.data.image_size
+    return torch.randn(b, c, s, s, generator=g), torch.randint(0, cfg.data.num_classes, (b,), generator=g)
+
+
+def _nonzero_head(state):
+    g = torch.Generator().manual_seed(5)  # both paths start from the same non-zero head
+    for m in (state.model, state.ema):
+        for p in (m.final.linear.weight, m.final.adaLN[1].weight):
+            full = torch.randn(p.shape, generator=g) * 0.1
+            with torch.no_grad():
+                p.copy_(full if not hasattr(p, "to_local") else
+                        torch.distributed.tensor.distribute_tensor(full, p.device_mesh, p.placements))
+
+
+def test_fsdp2_bf16_path_matches_autocast_path(one_rank_group):
+    """The FSDP2 mixed-precision path (Ray Train's) and the single-process autocast path (benchmarks,
+    plain loops) compute in the same dtypes, with fp32 embedder outputs and an fp32 loss."""
+    import torch.distributed as dist
+
+    from shortcut_ray.distributed import is_sharded
+    from shortcut_ray.train_step import TrainState
+
+    cfg = tiny_config(precision="bf16")
+    sharded = TrainState.create(cfg)
+    assert is_sharded(sharded.model) and is_sharded(sharded.ema)
+    x1, y = _batch(cfg)
+    args = (x1[:3], torch.rand(3), torch.randint(0, 3, (3,)), y[:3])
+    assert _activation_dtypes(sharded.model, args) == BF16_PATH
+    dist.destroy_process_group()  # the same run without a process group: autocast
+    plain = TrainState.create(cfg)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    assert not is_sharded(plain.model)
+    with plain.autocast():
+        assert _activation_dtypes(plain.model, args) == BF16_PATH
+    _nonzero_head(sharded), _nonzero_head(plain)
+    a, b = sharded.step_on(x1, y), plain.step_on(x1, y)
+    assert a["loss"].dtype == b["loss"].dtype == torch.float32
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=2e-2, atol=0)
+    torch.testing.assert_close(a["loss_bootstrap"], b["loss_bootstrap"], rtol=5e-2, atol=0)
+
+
+def _count_teacher_gathers(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of the 2-process test: FSDP2 all-gathers (profiler events) of one objective.loss."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from shortcut_ray.distributed import gathered_teacher
+    from shortcut_ray.train_step import TrainState, step_generator
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    cfg = tiny_config(precision="bf16", num_workers=world)
+    state = TrainState.create(cfg)
+    x1, y = (v[: state.local_batch] for v in _batch(cfg))
+    counts = []
+    for gathered in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with gathered_teacher(state.teacher) if gathered else contextlib.nullcontext():
+                state.objective.loss(state.model, state.teacher, x1, y, step_generator(0, 0, rank, state.device))
+        counts.append(sum(e.name.startswith("FSDP::all_gather") and "copy" not in e.name for e in prof.events()))
+    resharded = all(m._get_fsdp_state()._fsdp_param_group.is_sharded for m in state.ema.modules()
+                    if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group)
+    ema_modules = sum(isinstance(m, FSDPModule) for m in state.ema.modules())
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"counts": counts, "ema_modules": ema_modules, "resharded": resharded}, f)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_ema_teacher_gathered_once_per_step(tmp_path):
+    """The shortcut teacher is called twice per step; with `gathered_teacher` each EMA FSDP module
+    all-gathers once instead of twice (2 real gloo ranks; the cost: the EMA's bf16 params held
+    through the loss), and every EMA module is resharded on exit so the EMA update writes fresh shards."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "gathers.json"
+    mp.spawn(_count_teacher_gathers, args=(2, f"file://{tmp_path}/pg", str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    assert res["ema_modules"] == 5  # root, 2 blocks, 2 embedder output linears (fp32 policy)
+    assert res["counts"][0] - res["counts"][1] == res["ema_modules"], res
+    assert res["resharded"]
+
+
+# -- compile: whole forward without graph breaks, batch buckets, selective checkpointing ----------------
+
+@pytest.mark.parametrize("policy", [None, "selective"])
+def test_whole_forward_has_no_graph_breaks(policy):
+    """The single-process compile scope is the whole forward, fullgraph (train, teacher and sampling)."""
+    import torch._dynamo
+
+    from shortcut_ray.distributed import _checkpoint_blocks
+
+    m = tiny()
+    if policy:
+        _checkpoint_blocks(m.blocks, policy)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(m._forward)(*inputs(4))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_batch_buckets_bound_the_compiled_graphs():
+    """Compiled (dynamic=False): the training sizes run unpadded, any other batch is padded to a power
+    of two and sliced, so eval/sampling batch sizes 3..16 cost 3 graphs, and outputs are unchanged."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from shortcut_ray.distributed import _compile
+
+    m = tiny()
+    eager = {b: m(*inputs(b, seed=b)) for b in (3, 5, 6, 7, 8, 12, 16)}
+    m.exact_batches = frozenset({6})
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    _compile(m, whole=True, backend=counter)
+    assert [m.batch_bucket(b) for b in (3, 5, 6, 7, 8, 12, 16)] == [4, 8, 6, 8, 8, 16, 16]
+    for b, ref in eager.items():
+        torch.testing.assert_close(m(*inputs(b, seed=b)), ref, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 4  # buckets 4, 8, 16 and the training size 6
+
+
+def test_selective_checkpointing_keeps_gradients():
+    from shortcut_ray.distributed import _checkpoint_blocks
+
+    grads = []
+    for policy in (None, "full", "selective"):
+        m = tiny()
+        if policy:
+            _checkpoint_blocks(m.blocks, policy)
+        m(*inputs(4)).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[2], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    from shortcut_ray.config import TrainConfig
+    from shortcut_ray.distributed import resolve_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert TrainConfig().compile == "auto"
+    assert resolve_compile(TrainConfig(), cuda) and not resolve_compile(TrainConfig(), cpu)
+    assert resolve_compile(TrainConfig(compile=True), cpu) and not resolve_compile(TrainConfig(compile="false"), cuda)
