@@ -292,3 +292,121 @@ def test_compile_auto_is_on_for_cuda_only():
     assert TrainConfig().compile == "auto"
     assert resolve_compile(TrainConfig(), cuda) and not resolve_compile(TrainConfig(), cpu)
     assert resolve_compile(TrainConfig(compile=True), cpu) and not resolve_compile(TrainConfig(compile="false"), cuda)
+
+
+# -- no host synchronisation in the training step ------------------------------------------------------
+
+_SYNC_OPS = ("_local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "masked_select",
+             "aten.unique", "_unique", "repeat_interleave", "aten.bincount", "aten.histc")
+
+
+class HostSyncFinder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Finds, on CPU, what would block the host on a GPU. A tensor is "device data" when it is a
+    parameter, buffer, optimiser moment, input batch or cached device constant, or is computed from
+    one (creation ops on the step's device count as device data too). Flagged: a data-dependent op on
+    device data (.item(), nonzero, bool(), ...: a device-to-host read), a cross-device copy, and
+    host data (a non-scalar tensor computed on the host) meeting device data in one op: on a GPU
+    that is a host-to-device copy in the middle of the step."""
+
+    def __init__(self, device_tensors):
+        super().__init__()
+        self.device = {id(t): t for t in device_tensors}
+        self.events: list[tuple[str, str, str]] = []
+
+    def _is_dev(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and id(t) in self.device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        dev = [self._is_dev(t) for t in tensors]
+        name = str(func)
+        if any(dev) and any(s in name for s in _SYNC_OPS):
+            self._flag(f"device-to-host read ({name})")
+        elif any(dev) and any(not d and t.dim() > 0 for t, d in zip(tensors, dev)):
+            self._flag(f"host data used by a device op ({name})")
+        target = kwargs.get("device")
+        if target is not None and tensors and any(t.device != torch.device(target) for t in tensors):
+            self._flag(f"cross-device copy ({name})")
+        out = func(*args, **kwargs)
+        if any(dev) or not tensors:  # computed from device data, or created on the step's device
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.device[id(t)] = t
+        return out
+
+    def _flag(self, what: str) -> None:
+        frames = [f for f in traceback.extract_stack() if "shortcut_ray" in f.filename]
+        where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+        self.events.append((what, where, frames[-1].line if frames else ""))
+
+
+def _device_state(state, x1, y) -> list[torch.Tensor]:
+    found = [x1, y, *state.model.parameters(), *state.ema.parameters(), *state.model.buffers(),
+             *state.ema.buffers()]
+    for s in state.optimizer.state.values():
+        found += [v for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]  # not the host step count
+    cached = getattr(state.objective, "_k_boot_dev", None)  # levels copied to the device once
+    return found + ([cached] if cached is not None else [])
+
+
+def _step_sync_events(train_type: str):
+    from shortcut_ray.train_step import TrainState
+
+    cfg = tiny_config(train_type)
+    state = TrainState.create(cfg)
+    x1, y = _batch(cfg)
+    state.step_on(x1, y)  # warm-up: optimiser state and cached device constants exist from here on
+    with HostSyncFinder(_device_state(state, x1, y)) as finder:
+        state.step_on(x1, y)
+    return finder.events
+
+
+def _known_objective_copy(event) -> bool:
+    """objective.py's per-level metric: `counts.clamp(min=1).to(sums.device)` copies host counts to the
+    device every shortcut step. Branch obj (objective.py -> package) removes it; this file must not."""
+    return "objective" in event[1] and "counts" in event[2]
+
+
+def test_host_sync_finder_sees_planted_syncs():
+    p = torch.randn(4)
+    with HostSyncFinder([p]) as finder:
+        q = p * 2
+        q.sum().item()  # device-to-host read
+        torch.nonzero(q > 0)
+        q * torch.arange(4.0).clamp(min=1)[torch.tensor([3, 2, 1, 0])]  # host-built tensor meets device data
+        torch.ones(3) + q[:3]  # created "on the device" inside the step: fine
+    kinds = [e[0].split(" (")[0] for e in finder.events]
+    assert kinds == ["device-to-host read", "device-to-host read", "host data used by a device op"], finder.events
+
+
+@pytest.mark.parametrize("train_type", ["shortcut", "flow_matching"])
+def test_training_step_has_no_host_sync(train_type):
+    events = _step_sync_events(train_type)
+    unknown = [e for e in events if not _known_objective_copy(e)]
+    assert unknown == [], unknown
+    assert len(events) <= (1 if train_type == "shortcut" else 0), events  # at most the known copy (below)
+
+
+@pytest.mark.xfail(strict=False, reason="objective.py's `counts.clamp(min=1).to(sums.device)` (per-level "
+                   "bootstrap loss) copies host counts to the device every shortcut step; branch obj moves "
+                   "objective.py into a package and removes it, after which this passes")
+def test_shortcut_step_has_no_host_sync_at_all():
+    assert _step_sync_events("shortcut") == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_step_has_no_sync():
+    from shortcut_ray.train_step import TrainState
+
+    cfg = tiny_config("flow_matching", precision="bf16", compile="off")
+    state = TrainState.create(cfg, "cuda")
+    x1, y = (v.cuda() for v in _batch(cfg))
+    state.step_on(x1, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        state.step_on(x1, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
