@@ -298,11 +298,24 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
         raise RuntimeError(f"injected fault at step {step} on rank {rank} ($SHORTCUT_RAY_FAULT_FILE)")
 
 
+# Dense bf16 peak per GPU from the datasheets, matched in order against torch.cuda.get_device_name
+# (the H100 PCIe and NVL parts are slower than the SXM one that is named plainly "H100 80GB HBM3").
+PEAK_BF16_DENSE = (
+    (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12), (r"H200.*NVL", 835e12),
+    (r"H100", 989e12), (r"H200", 989e12), (r"A100", 312e12), (r"\bL4\b", 121e12), (r"\bA10\b", 125e12),
+)
+
+
+def peak_flops_for(name: str) -> float | None:
+    """Dense bf16 FLOP/s of the GPU called `name`; None when unknown (MFU is then not reported)."""
+    import re
+
+    return next((v for pattern, v in PEAK_BF16_DENSE if re.search(pattern, name, re.IGNORECASE)), None)
+
+
 def _peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs for MFU (datasheet numbers; None when unknown)."""
-    name = torch.cuda.get_device_name(device)
-    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-    return next((v for k, v in table.items() if k in name), None)
+    """Dense bf16 peak of the worker's GPU for MFU (datasheet numbers; None when unknown)."""
+    return peak_flops_for(torch.cuda.get_device_name(device))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -410,3 +410,72 @@ def test_cuda_step_has_no_sync():
         state.step_on(x1, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# -- MFU: peak FLOPs and FLOP accounting -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", None),
+    ("Tesla T4", None)])
+def test_peak_flops_by_gpu_name(name, peak):
+    from shortcut_ray.worker import peak_flops_for
+
+    assert peak_flops_for(name) == peak
+
+
+def _counted_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _attention_flops(cfg, image_size: int) -> float:
+    return cfg.depth * 2 * 2 * (image_size // cfg.patch_size) ** 4 * cfg.hidden_size  # QK^T and AV
+
+
+def _counter_sees_sdpa() -> bool:
+    q = torch.randn(1, 2, 4, 8)
+    return _counted_flops(lambda: F.scaled_dot_product_attention(q, q, q)) > 0
+
+
+def test_flops_per_forward_matches_flop_counter():
+    from shortcut_ray.model import flops_per_forward
+
+    m = tiny()
+    b = 3
+    with torch.no_grad():
+        counted = _counted_flops(lambda: m._forward(*inputs(b)))
+    formula = flops_per_forward(m.cfg, 8, 4)
+    if not _counter_sees_sdpa():  # torch's counter has no formula for the CPU flash kernel
+        formula -= _attention_flops(m.cfg, 8)
+    assert counted == pytest.approx(formula * b, rel=1e-9)
+
+
+def test_training_flops_are_three_forwards_plus_bootstrap():
+    """The worker's FLOPs per image: 3x forward for the online pass (forward + backward) plus the
+    teacher's two no-grad forwards on the bootstrap rows (x2 for the bootstrap-CFG rows). The only
+    difference from the counted step: the backward computes no input gradient for the first layers
+    (patch conv, the embedders' first linears), which the 3x rule counts (< 1% at DiT sizes)."""
+    from types import SimpleNamespace
+
+    from shortcut_ray.model import flops_per_forward
+    from shortcut_ray.train_step import TrainState
+    from shortcut_ray.worker import Runner
+
+    cfg = tiny_config("shortcut")
+    state = TrainState.create(cfg)
+    x1, y = _batch(cfg)
+    counted = _counted_flops(lambda: state.step_on(x1, y))
+    per_image = Runner._flops_per_image(SimpleNamespace(cfg=cfg, state=state))
+    lay = state.objective.layout
+    assert lay.n_boot == 4 and lay.n_cfg >= 1  # teacher rows exist, CFG copies too
+    d, n, b = cfg.model.hidden_size, (8 // 2) ** 2, cfg.train.global_batch
+    first_layers_dgrad = 2 * n * d * 2 ** 2 * 4 + 2 * 2 * 256 * d  # patch conv + two embedders' first linear
+    expected = (per_image - first_layers_dgrad) * b
+    if not _counter_sees_sdpa():
+        expected -= _attention_flops(cfg.model, 8) * per_image / flops_per_forward(cfg.model, 8, 4) * b
+    assert counted == pytest.approx(expected, rel=1e-9)
