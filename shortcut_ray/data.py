@@ -189,9 +189,25 @@ def batches(shard, local_batch: int, data_cfg: DataConfig, device=None) -> Itera
         batch_size=local_batch, drop_last=True,
         local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
         prefetch_batches=data_cfg.prefetch_batches,
-        device="auto" if device is None else device)
+        device="auto" if device is None else device,
+        **({"pin_memory": True} if pins_batches(device) else {}))
     for b in it:
         yield (b["image"], b["label"], b["x0"]) if "x0" in b else (b["image"], b["label"])
+
+
+def pins_batches(device=None) -> bool:
+    """Pin host batches when they go to a GPU: Ray then copies them with non_blocking=True, so the
+    host-to-device copy overlaps compute instead of blocking on pageable memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    if device is None or device == "auto":  # Ray's "auto": the Train worker's device, else CPU
+        from ray.train.torch import get_device
+        from ray.train.utils import _in_ray_train_worker
+
+        device = get_device() if _in_ray_train_worker() else "cpu"
+    return torch.device(device).type == "cuda"
 
 
 class EpochStream:

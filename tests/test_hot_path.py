@@ -479,3 +479,15 @@ def test_training_flops_are_three_forwards_plus_bootstrap():
     if not _counter_sees_sdpa():
         expected -= _attention_flops(cfg.model, 8) * per_image / flops_per_forward(cfg.model, 8, 4) * b
     assert counted == pytest.approx(expected, rel=1e-9)
+
+
+# -- pinned batches ------------------------------------------------------------------------------------
+
+def test_batches_are_pinned_only_for_a_gpu():
+    from ray.data._internal.utils.torch_utils import DEFAULT_TENSOR_NON_BLOCKING_TRANSFER
+
+    from shortcut_ray.data import pins_batches
+
+    assert DEFAULT_TENSOR_NON_BLOCKING_TRANSFER  # Ray's device copy is non_blocking: pinning makes it async
+    assert not pins_batches("cpu") and not pins_batches(None)  # None outside Ray Train: CPU
+    assert pins_batches("cuda") == torch.cuda.is_available()
