@@ -74,15 +74,18 @@ def parallelize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.
 # the recompile limit is raised to cover them (training sizes + 2^0..2^16 buckets, with and without
 # grad) instead of marking the batch dynamic, which would cost the specialised kernels of every size.
 RECOMPILE_LIMIT = 64
+COMPILE_BACKEND = "inductor"  # benchmarks' CPU dry runs switch to "aot_eager" (plumbing, not kernels)
 
 
-def _compile(model: nn.Module, whole: bool, backend="inductor") -> None:
+def _compile(model: nn.Module, whole: bool, backend=None) -> None:
     """Compile the whole forward (single process, fullgraph: no graph breaks), or under FSDP2 each
     block plus the embedding and head regions (the FSDP2 hooks run between them)."""
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
     model.pad_batches = True
+    backend = backend or COMPILE_BACKEND
     if whole:
         model._forward = torch.compile(model._forward, dynamic=False, fullgraph=True, backend=backend)
         return
@@ -114,11 +117,10 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-              torch.ops.aten._scaled_dot_product_flash_attention.default,
-              torch.ops.aten._scaled_dot_product_efficient_attention.default,
-              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+_SAVED_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
 
 
 @contextlib.contextmanager
@@ -127,10 +129,12 @@ def gathered_teacher(teacher: nn.Module):
     all-gather per module per step instead of one per call (the shortcut teacher is called twice).
     Costs the module's parameters in the compute dtype (params x 2 bytes in bf16) for the duration;
     resharded on exit, before the EMA update writes the shards (no stale copy can survive)."""
-    if not is_sharded(teacher) or any(p.requires_grad for p in teacher.parameters()):
+    from torch.distributed.fsdp import FSDPModule
+
+    if (not is_sharded(teacher) or any(p.requires_grad for p in teacher.parameters())
+            or not hasattr(FSDPModule, "set_reshard_after_forward")):  # (older torch: gather per call)
         yield
         return
-    from torch.distributed.fsdp import FSDPModule
 
     fsdp = [m for m in teacher.modules() if isinstance(m, FSDPModule)]
     for m in fsdp:

@@ -216,6 +216,25 @@ def _count_teacher_gathers(rank: int, world: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
+def test_fsdp2_compiled_step_matches_eager(one_rank_group, monkeypatch):
+    """Under FSDP2 the compiled regions (blocks, embedding, head) sit between the FSDP2 hooks."""
+    import torch._dynamo
+
+    import shortcut_ray.distributed as distributed
+    from shortcut_ray.train_step import TrainState
+
+    monkeypatch.setattr(distributed, "COMPILE_BACKEND", "aot_eager")  # the plumbing, not CPU kernels
+    torch._dynamo.reset()
+    losses = []
+    for mode in ("off", "on"):
+        state = TrainState.create(tiny_config(compile=mode))
+        _nonzero_head(state)
+        losses.append(state.step_on(*_batch(state.cfg))["loss"])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_fsdp2_ema_teacher_gathered_once_per_step(tmp_path):
     """The shortcut teacher is called twice per step; with `gathered_teacher` each EMA FSDP module
     all-gathers once instead of twice (2 real gloo ranks; the cost: the EMA's bf16 params held
@@ -491,3 +510,31 @@ def test_batches_are_pinned_only_for_a_gpu():
     assert DEFAULT_TENSOR_NON_BLOCKING_TRANSFER  # Ray's device copy is non_blocking: pinning makes it async
     assert not pins_batches("cpu") and not pins_batches(None)  # None outside Ray Train: CPU
     assert pins_batches("cuda") == torch.cuda.is_available()
+
+
+# -- the GPU suite runs on a bare machine (PyTorch only) ----------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_engine_imports_without_ray_or_mlflow():
+    import subprocess
+
+    code = ("import sys\nfor n in ('ray', 'mlflow'): sys.modules[n] = None\n"
+            "import shortcut_ray.train_step, shortcut_ray.sampler, shortcut_ray.worker, shortcut_ray.checkpoint\n"
+            "sys.path.insert(0, 'bench'); import gpu_suite\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_env_stage(tmp_path):
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "bench/gpu_suite.py", "--dry-run", "--stages", "env", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu_suite_dryrun.json").read_text())
+    assert res["kind"].startswith("CPU DRY RUN") and res["stages"]["env"]["status"] == "ok"
