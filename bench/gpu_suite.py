@@ -224,7 +224,7 @@ def stage_sampling(args) -> dict:
     out = {}
     for size, batch in SIZES:
         cfg = make_config(size, batch, "shortcut", False, args)
-        model = parallelize(build_model(cfg), cfg.train, device).eval()
+        model = parallelize(build_model(cfg, uses_step_level=True), cfg.train, device).eval()
         nonzero_head(model)
         n = cfg.train.global_batch
         noise = fixed_noise((n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), 0, device)

@@ -5,8 +5,9 @@ target) and metrics, the sampler's outputs at N = 1, 2, 128 (with and without CF
 `TrainState.step_on` are compared with `tests/data/golden.npz`, computed from the code as of commit 28d62cf
 (before `shortcut_ray/objectives/`). Any refactor of the objective, sampler or train step must keep these.
 
-The tiny DiT's weights are drawn in `named_parameters()` order from a fixed generator, so a change of
-the model's parameter layout (e.g. fused q/k/v) changes them. In that case, check the model's own golden
+The tiny DiT's weights are drawn in `named_parameters()` order from a fixed generator, with the fused
+q/k/v projection drawn as the three separate layers it replaced (so the numbers survived the fusion); any
+other change of the model's parameter layout changes them. In that case, check the model's own golden
 tests first, then regenerate from a commit that computed the old numbers, or with
 
     GOLDEN_REGEN=1 PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_golden.py
@@ -42,9 +43,21 @@ def _objective_api():
 def tiny_dit(seed: int, ignore_k: bool = False) -> ShortcutDiT:
     m = ShortcutDiT(model_config("DiT-T/2", hidden_size=32, depth=1), S, C, NC, ignore_k=ignore_k)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in m.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.05))
+
+    def draw(shape):
+        return torch.randn(shape, generator=g) * (0.3 if len(shape) > 1 else 0.05)
+
+    state = {}
+    for name, p in m.named_parameters():  # drawn in the pre-fusion order: q.w, q.b, k.w, k.b, v.w, v.b
+        if name.endswith("qkv.bias"):
+            continue  # drawn with qkv.weight
+        if name.endswith("qkv.weight"):
+            d, base = p.shape[1], name[: -len("qkv.weight")]
+            for part in "qkv":
+                state[f"{base}{part}.weight"], state[f"{base}{part}.bias"] = draw((d, d)), draw((d,))
+        else:
+            state[name] = draw(tuple(p.shape))
+    m.load_state_dict(state)  # the model's legacy-key hook stacks q/k/v into the fused projection
     return m.eval()
 
 

@@ -204,8 +204,9 @@ def _count_teacher_gathers(rank: int, world: int, init: str, out: str) -> None:
     counts = []
     for gathered in (False, True):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            with gathered_teacher(state.teacher) if gathered else contextlib.nullcontext():
-                state.objective.loss(state.model, state.teacher, x1, y, step_generator(0, 0, rank, state.device))
+            with gathered_teacher(state.ema) if gathered else contextlib.nullcontext():
+                state.objective.loss(state.networks, x1, y, step_generator(0, 0, rank, state.device), 0,
+                                     cfg.train.max_steps)
         counts.append(sum(e.name.startswith("FSDP::all_gather") and "copy" not in e.name for e in prof.events()))
     resharded = all(m._get_fsdp_state()._fsdp_param_group.is_sharded for m in state.ema.modules()
                     if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group)
@@ -365,8 +366,13 @@ def _device_state(state, x1, y) -> list[torch.Tensor]:
              *state.ema.buffers()]
     for s in state.optimizer.state.values():
         found += [v for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]  # not the host step count
-    cached = getattr(state.objective, "_k_boot_dev", None)  # levels copied to the device once
-    return found + ([cached] if cached is not None else [])
+    for name in ("_k_boot_dev", "_level_scale_dev"):  # layout tensors copied to the device once
+        cached = getattr(state.objective, name, None)
+        if isinstance(cached, tuple):
+            cached = cached[0]
+        if cached is not None:
+            found.append(cached)
+    return found
 
 
 def _step_sync_events(train_type: str):
@@ -379,12 +385,6 @@ def _step_sync_events(train_type: str):
     with HostSyncFinder(_device_state(state, x1, y)) as finder:
         state.step_on(x1, y)
     return finder.events
-
-
-def _known_objective_copy(event) -> bool:
-    """objective.py's per-level metric: `counts.clamp(min=1).to(sums.device)` copies host counts to the
-    device every shortcut step. Branch obj (objective.py -> package) removes it; this file must not."""
-    return "objective" in event[1] and "counts" in event[2]
 
 
 def test_host_sync_finder_sees_planted_syncs():
@@ -402,16 +402,7 @@ def test_host_sync_finder_sees_planted_syncs():
 @pytest.mark.parametrize("train_type", ["shortcut", "flow_matching"])
 def test_training_step_has_no_host_sync(train_type):
     events = _step_sync_events(train_type)
-    unknown = [e for e in events if not _known_objective_copy(e)]
-    assert unknown == [], unknown
-    assert len(events) <= (1 if train_type == "shortcut" else 0), events  # at most the known copy (below)
-
-
-@pytest.mark.xfail(strict=False, reason="objective.py's `counts.clamp(min=1).to(sums.device)` (per-level "
-                   "bootstrap loss) copies host counts to the device every shortcut step; branch obj moves "
-                   "objective.py into a package and removes it, after which this passes")
-def test_shortcut_step_has_no_host_sync_at_all():
-    assert _step_sync_events("shortcut") == []
+    assert events == [], events
 
 
 @pytest.mark.gpu
