@@ -24,16 +24,12 @@ import sys
 import tempfile
 
 from shortcut_ray.config import Config, apply_overrides
+from shortcut_ray.storage import filesystem, join_uri
 
 
 def read_state(uri: str) -> dict:
-    if "://" not in uri:
-        with open(os.path.join(uri, "state.json")) as f:
-            return json.load(f)
-    from shortcut_ray.shards import filesystem
-
     fs, path = filesystem(uri)
-    return json.loads(fs.cat_file(path.rstrip("/") + "/state.json"))
+    return json.loads(fs.cat_file(join_uri(path, "state.json")))
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 from shortcut_ray.config import apply_overrides
@@ -32,9 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from shortcut_ray import data
-
-    from shortcut_ray import shards
+    from shortcut_ray import data, storage
     from shortcut_ray.fid import load_inception, reference_stats_cache_key, stats_from_batches
     from shortcut_ray.launch import ensure_ray
 
@@ -47,8 +44,8 @@ def main(argv=None) -> int:
     extractor = load_inception(args.fid_weights or None, device=device)
     key = reference_stats_cache_key(uri, dcfg.image_size, extractor.weights_id, max_images=args.max_images or None,
                                     vae_roundtrip=False)
-    out = args.out or os.path.join(shards.cache_root(), "fid_stats", key + ".npz")
-    if not args.out and os.path.exists(out):
+    out = args.out or storage.join_uri(storage.cache_root(), f"fid_stats/{key}.npz")
+    if not args.out and storage.exists(out):
         print(f"cached: {out}")
         return 0
     ensure_ray()

@@ -21,25 +21,13 @@ import torch
 from shortcut_ray.checkpoint import load_for_inference
 from shortcut_ray.objectives import for_sampling
 from shortcut_ray.sampler import fixed_noise, sample
+from shortcut_ray.storage import local_copy
 from shortcut_ray.tracking import image_grid, png_bytes
-
-
-def local_checkpoint(uri: str) -> str:
-    """A local directory with the checkpoint (gs:// and other fsspec URIs are copied to a cache)."""
-    if "://" not in uri:
-        return uri
-    from shortcut_ray.shards import cache_root, filesystem
-
-    fs, path = filesystem(uri)
-    dest = os.path.join(cache_root(), "checkpoints", path.strip("/").replace("/", "_"))
-    if not os.path.exists(os.path.join(dest, "state.json")):
-        fs.get(path.rstrip("/") + "/", dest + "/", recursive=True)
-    return dest
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint directory or URI (…/checkpoint_NNNNNNN)")
+    p.add_argument("checkpoint", help="checkpoint directory or URI (…/checkpoint_NNNNNNN; remote ones are copied to the cache)")
     p.add_argument("--steps", default="1,2,4,8,16,32,64,128", help="comma-separated step counts N")
     p.add_argument("--n", type=int, default=64, help="samples per step count")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance w (1 = conditional, 0 = unconditional)")
@@ -52,7 +40,7 @@ def main(argv=None) -> int:
                                                       "(latents undecoded, any channel count), instead of PNGs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    model, cfg, meta = load_for_inference(local_checkpoint(args.checkpoint), args.weights)
+    model, cfg, meta = load_for_inference(local_copy(args.checkpoint), args.weights)
     model.to(args.device)
     d = cfg.data
     noise = fixed_noise((args.n, d.channels, d.image_size, d.image_size), args.seed, args.device)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -24,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from .config import Config
+from .storage import atomic_dir, atomic_write
 
 STATE_FILE = "state.json"
 DIR_PREFIX = "checkpoint_"
@@ -61,19 +60,14 @@ def save(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Opt
     dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
     if rank == 0:
         meta = {"step": step, "config": cfg.to_dict(), **(extra or {})}
-        _atomic_write(os.path.join(path, STATE_FILE), json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write(os.path.join(path, STATE_FILE), json.dumps(meta, indent=2, sort_keys=True))
     return path
 
 
 def save_local_atomic(final_dir: str, *args, **kwargs) -> str:
     """Single-process save that never leaves a half-written `final_dir` behind (tmp dir + rename)."""
-    parent = os.path.dirname(os.path.abspath(final_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
-    save(tmp, *args, **kwargs)
-    if os.path.exists(final_dir):
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
+    with atomic_dir(final_dir) as tmp:
+        save(tmp, *args, **kwargs)
     return final_dir
 
 
@@ -132,12 +126,3 @@ def load_for_inference(path: str, weights: str = "auto") -> tuple[nn.Module, Con
     model.load_state_dict(state[key])
     meta["weights"] = weights
     return model.eval(), cfg, meta
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

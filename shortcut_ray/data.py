@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from shortcut_ray.config import ConfigError, DataConfig
-from shortcut_ray.shards import (PIL_MODES, bytes_array, dataset_info, digits_dataset, fashion_mnist_dataset,
-                                 filesystem, is_local_fs, join_uri)
+from shortcut_ray.shards import PIL_MODES, bytes_array, dataset_info, digits_dataset, fashion_mnist_dataset
+from shortcut_ray.storage import filesystem, is_local_fs, join_uri
 
 
 # -- config -> dataset ---------------------------------------------------------------------------

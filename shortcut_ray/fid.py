@@ -27,13 +27,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import storage
 from .distributed import all_gather_rows
 
 FID_SIZE = 299
 FEATURE_DIM = 2048
 ENV_WEIGHTS = "SHORTCUT_FID_WEIGHTS"  # path/URI used when weights=None
 ENV_OFFLINE = "SHORTCUT_FID_OFFLINE"  # "1": never download
-ENV_CACHE = "SHORTCUT_CACHE_DIR"  # default ~/.cache/shortcut_ray
+ENV_CACHE = storage.ENV_CACHE  # where downloads and copies of remote weights go (storage.cache_root)
 # pytorch-fid's standard download (needs the optional `pytorch-fid` package to build the network).
 PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -131,12 +132,6 @@ class _PytorchFidPool3(nn.Module):
 # Loading the network
 # ----------------------------------------------------------------------------------------------
 
-def cache_dir() -> str:
-    path = os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "shortcut_ray")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
 def _sha1(path: str) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -145,24 +140,15 @@ def _sha1(path: str) -> str:
     return h.hexdigest()
 
 
-def _local_copy(uri: str) -> str:
-    """A local path for `uri`; remote fsspec URIs (gs://, s3://, memory://) are copied to the cache."""
-    import fsspec
-
-    if "://" not in uri or uri.startswith("file://"):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"FID weights not found at {path!r}; {_HOW_TO_FIX}")
-        return path
-    name = os.path.basename(uri.rstrip("/")) or "weights"
-    dest = os.path.join(cache_dir(), f"{hashlib.sha1(uri.encode()).hexdigest()[:12]}-{name}")
-    if not os.path.isfile(dest):
-        fs, fs_path = fsspec.core.url_to_fs(uri)
-        if not fs.exists(fs_path):
-            raise FileNotFoundError(f"FID weights not found at {uri!r}; {_HOW_TO_FIX}")
-        fs.get(fs_path, dest + ".part")
-        os.replace(dest + ".part", dest)  # atomic: concurrent ranks never see half a file
-    return dest
+def _weights_file(uri: str) -> str:
+    """A local file with the weights at `uri` (remote URIs are copied to the cache once)."""
+    try:
+        path = storage.local_copy(uri)
+    except FileNotFoundError:
+        path = ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FID weights not found at {uri!r}; {_HOW_TO_FIX}")
+    return path
 
 
 def _is_torchscript(path: str) -> bool:
@@ -215,7 +201,7 @@ def _download_default() -> tuple[nn.Module, str]:
         try:
             import pytorch_fid  # noqa: F401  (optional extra)
         except ImportError:
-            dest = os.path.join(cache_dir(), "fid_inception_v3.pt")
+            dest = os.path.join(storage.local_cache_dir(), "fid_inception_v3.pt")
             if not os.path.isfile(dest) or _sha1(dest) != TORCHSCRIPT_SHA1:
                 torch.hub.download_url_to_file(TORCHSCRIPT_URL, dest, progress=False)
             if _sha1(dest) != TORCHSCRIPT_SHA1:
@@ -239,7 +225,7 @@ def load_inception(weights: str | None = None, device: str | torch.device = "cpu
     if weights is None:
         net, weights_id = _download_default()
     else:
-        path = _local_copy(str(weights))
+        path = _weights_file(str(weights))
         net = _load_file(path)
         weights_id = f"{os.path.basename(str(weights))}:{_sha1(path)[:12]}"
     for p in net.parameters():
@@ -272,20 +258,15 @@ class FeatureStats:
         return cls(feats.mean(axis=0), np.cov(feats, rowvar=False), int(feats.shape[0]))
 
     def save(self, path_or_uri: str) -> None:
-        import fsspec
-
         buf = io.BytesIO()
         np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
-        with fsspec.open(path_or_uri, "wb", auto_mkdir=True) as f:
-            f.write(buf.getvalue())
+        storage.atomic_write(path_or_uri, buf.getvalue())
 
     @classmethod
     def load(cls, path_or_uri: str) -> "FeatureStats":
         """Reads our .npz, or the authors' *_fidstats_ours.npz (mu, sigma only: n = 0)."""
-        import fsspec
-
-        with fsspec.open(path_or_uri, "rb") as f:
-            raw = f.read()
+        fs, path = storage.filesystem(path_or_uri)
+        raw = fs.cat_file(path)
         data = np.load(io.BytesIO(raw))
         if "mu" not in data or "sigma" not in data:
             raise ValueError(f"{path_or_uri} is not a FID stats file: keys {list(data)}, need mu, sigma")

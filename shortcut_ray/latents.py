@@ -21,7 +21,7 @@ import io
 import numpy as np
 import torch
 
-from shortcut_ray import shards
+from shortcut_ray import shards, storage
 
 SD_VAE = "stabilityai/sd-vae-ft-mse"
 
@@ -103,9 +103,9 @@ def encode_dataset(pixel_uri: str, out_uri: str, vae_name: str = SD_VAE, batch_s
                          f"encodes RGB pixel shards (jobs.prepare_data --channels 3)")
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    fs, root = shards.filesystem(pixel_uri)
-    paths = [shards.join_uri(root if shards.is_local_fs(fs) else pixel_uri, s["file"]) for s in info["shards"]]
-    ds = ray.data.read_parquet(paths, filesystem=None if shards.is_local_fs(fs) else fs)
+    fs, root = storage.filesystem(pixel_uri)
+    paths = [storage.join_uri(root if storage.is_local_fs(fs) else pixel_uri, s["file"]) for s in info["shards"]]
+    ds = ray.data.read_parquet(paths, filesystem=None if storage.is_local_fs(fs) else fs)
     enc = ds.map_batches(Encoder, fn_constructor_kwargs={"vae_name": vae_name, "flip": flip},
                          batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
                          num_gpus=num_gpus)

@@ -11,23 +11,8 @@ import datetime
 import os
 
 from .config import Config
+from .storage import pyarrow_filesystem
 from .tracking import resolve_tracking_uri
-
-
-def pyarrow_filesystem(uri: str):
-    """(pyarrow filesystem or None, path) for Ray's storage_path / Checkpoint.
-
-    gs:// goes through gcsfs wrapped in a pyarrow PyFileSystem: pyarrow's native GCS client ignores
-    STORAGE_EMULATOR_HOST and hung against the emulator (RAY_NOTES §1d, §2).
-    """
-    if "://" not in uri or uri.startswith("file://"):
-        return None, os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-    import pyarrow.fs as pafs
-
-    from .shards import filesystem
-
-    fs, path = filesystem(uri)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def default_run_name(cfg: Config) -> str:

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-from .shards import (FORMAT, MANIFEST, PAIR_DTYPES, VERSION, _put, array_bytes, filesystem, join_uri, put_table,
-                     shard_name, write_manifest)
+from .shards import FORMAT, MANIFEST, PAIR_DTYPES, VERSION, array_bytes, put_table, shard_name, write_manifest
+from .storage import atomic_write, filesystem, join_uri, local_copy
 
 PROGRESS_DIR = "_pairs_progress"
 PLAN_FILE = "plan.json"
@@ -161,7 +161,7 @@ def write_pair_shard(output: str, spec: dict, x0: torch.Tensor, x1: torch.Tensor
     record = {**entry, **spec, "plan_id": plan.plan_id,
               "class_counts": np.bincount(y.numpy(), minlength=num_classes).tolist()}
     fs.makedirs(join_uri(root, PROGRESS_DIR), exist_ok=True)
-    _put(fs, _record_path(root, spec["index"]), json.dumps(record).encode())
+    atomic_write(_record_path(root, spec["index"]), json.dumps(record).encode(), fs=fs)
     return record
 
 
@@ -174,11 +174,10 @@ class PairWriter:
 
     def __init__(self, plan: dict, output: str, probs: list[float] | None, batch_size: int):
         from .checkpoint import load_for_inference
-        from .teacher import local_checkpoint
 
         self.plan, self.output, self.probs, self.batch_size = PairPlan(**plan), output, probs, batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, self.tcfg, _ = load_for_inference(local_checkpoint(self.plan.teacher), self.plan.weights)
+        model, self.tcfg, _ = load_for_inference(local_copy(self.plan.teacher), self.plan.weights)
         self.model = model.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -228,7 +227,7 @@ def _claim_output(output: str, plan: PairPlan, overwrite: bool) -> None:
                               f"another --output, or pass --overwrite to regenerate them")
     if fs.exists(join_uri(root, MANIFEST)):
         fs.rm(join_uri(root, MANIFEST))
-    _put(fs, plan_path, json.dumps(plan.identity(), indent=1, sort_keys=True).encode())
+    atomic_write(plan_path, json.dumps(plan.identity(), indent=1, sort_keys=True).encode(), fs=fs)
 
 
 # -- the job ---------------------------------------------------------------------------------------

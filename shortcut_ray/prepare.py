@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from shortcut_ray import shards
+from shortcut_ray import shards, storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _MAX_LISTED_SKIPS = 1000  # manifest lists at most this many skipped paths (the count is exact)
@@ -118,7 +118,7 @@ def idx_source(src: str, split: str, shuffle: bool, seed: int):
 def imagefolder_source(src: str, shuffle: bool, seed: int):
     import ray.data
 
-    fs, root = shards.filesystem(src)
+    fs, root = storage.filesystem(src)
     if not fs.isdir(root):
         raise PrepareError(f"{src} is not a folder; an ImageFolder input is root/<class>/<image files>")
     classes = sorted(p["name"].rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=True)
@@ -127,7 +127,7 @@ def imagefolder_source(src: str, shuffle: bool, seed: int):
         raise PrepareError(f"{src} has no class subfolders; expected root/<class>/<image files>")
     items = []
     for k, name in enumerate(classes):
-        for path in sorted(fs.find(shards.join_uri(root, name))):
+        for path in sorted(fs.find(storage.join_uri(root, name))):
             if path.lower().endswith(IMAGE_EXTENSIONS):
                 items.append({"path": path, "label": k})
     if not items:
@@ -141,8 +141,8 @@ def imagefolder_source(src: str, shuffle: bool, seed: int):
 def parquet_source(src: str, image_column: str, label_column: str, shuffle: bool, seed: int):
     import ray.data
 
-    fs, path = shards.filesystem(src)
-    ds = ray.data.read_parquet(path if shards.is_local_fs(fs) else src, filesystem=None if shards.is_local_fs(fs) else fs,
+    fs, path = storage.filesystem(src)
+    ds = ray.data.read_parquet(path if storage.is_local_fs(fs) else src, filesystem=None if storage.is_local_fs(fs) else fs,
                                include_paths=True)
     names = ds.schema().names
     if image_column not in names:
@@ -199,7 +199,7 @@ def prepare(fmt: str, src: str, out: str, image_size: int, channels: int | None 
                                f"{meta['num_classes']} classes")
         meta["classes"] = list(class_names)
     meta.update(kind="pixels", image_size=image_size, channels=channels, skipped=0, skipped_files=[])
-    fs = shards.filesystem(src)[0] if fmt == "imagefolder" else None
+    fs = storage.filesystem(src)[0] if fmt == "imagefolder" else None
     encoded = ds.map_batches(encode_batch, batch_format="numpy", batch_size=64,
                              fn_kwargs={"image_size": image_size, "channels": channels, "fs": fs,
                                         "label_map": label_map})
@@ -234,7 +234,7 @@ def prepare(fmt: str, src: str, out: str, image_size: int, channels: int | None 
 
 def detect_format(src: str) -> str:
     """idx if the IDX files are there, parquet for *.parquet or a folder of them, else imagefolder."""
-    fs, path = shards.filesystem(src)
+    fs, path = storage.filesystem(src)
     if path.endswith(".parquet"):
         return "parquet"
     for split in ("train", "test"):
@@ -243,6 +243,6 @@ def detect_format(src: str) -> str:
             return "idx"
         except FileNotFoundError:
             pass
-    if fs.isdir(path) and fs.glob(shards.join_uri(path, "*.parquet")):
+    if fs.isdir(path) and fs.glob(storage.join_uri(path, "*.parquet")):
         return "parquet"
     return "imagefolder"

@@ -38,11 +38,12 @@ import hashlib
 import io
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from .storage import atomic_write, cache_root, filesystem, join_uri
 
 MANIFEST = "manifest.json"
 FORMAT = "shortcut-ray-shards"
@@ -51,82 +52,10 @@ PIXEL_COLUMNS = ("image", "label")
 LATENT_COLUMNS = ("mean", "logvar", "mean_flip", "logvar_flip", "label")
 PAIRED_COLUMNS = ("x0", "x1", "label")
 PAIR_DTYPES = ("float32", "float16")
-DEFAULT_CACHE = "~/.cache/shortcut_ray"
 FASHION_MNIST_FALLBACK = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
-
-# -- storage -------------------------------------------------------------------------------------
-
-def filesystem(uri: str):
-    """(fsspec filesystem, path inside it) for a local path or any fsspec URI.
-
-    gs:// goes through gcsfs. GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT defaults to "false" here (unless the user
-    set it): gcsfs 2026.x otherwise probes the storage-control gRPC API on first use of each bucket,
-    which cost minutes against the emulator and broke a later ray.init (RAY_NOTES §2). With
-    STORAGE_EMULATOR_HOST set (tests, local dev) it talks to that endpoint anonymously.
-    """
-    uri = os.fspath(uri)
-    if uri.startswith(("gs://", "gcs://")):
-        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        if os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"].lower() in ("false", "0", "no"):
-            # The core class: `gcsfs.GCSFileSystem` is the HNS-probing subclass if gcsfs was imported
-            # before the variable was set (e.g. by another library).
-            from gcsfs.core import GCSFileSystem
-        else:
-            from gcsfs import GCSFileSystem
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
-        if emulator and emulator != "default":
-            if "://" not in emulator:
-                emulator = "http://" + emulator
-            fs = GCSFileSystem(endpoint_url=emulator, token="anon")
-        else:
-            fs = GCSFileSystem()
-        return fs, uri.split("://", 1)[1].rstrip("/")
-    if "://" not in uri or uri.startswith("file://"):
-        from fsspec.implementations.local import LocalFileSystem
-
-        return LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri)
-
-
-def join_uri(uri: str, name: str) -> str:
-    return os.fspath(uri).rstrip("/") + "/" + name
-
-
-def is_local_fs(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
-def _put(fs, path: str, data: bytes) -> None:
-    """Write a whole file so that readers see either nothing or all of it.
-
-    Locally via a temp file + rename; object stores (GCS, S3) make a single-object upload visible
-    atomically anyway.
-    """
-    if is_local_fs(fs):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def cache_root(cache_dir: str | None = None) -> str:
-    """Where built-in datasets are written: cache_dir, else $SHORTCUT_RAY_CACHE, else ~/.cache/shortcut_ray.
-
-    On a multi-node cluster this must be shared storage (e.g. gs://bucket/cache), because Ray Data
-    read tasks run on any node.
-    """
-    root = cache_dir or os.environ.get("SHORTCUT_RAY_CACHE") or DEFAULT_CACHE
-    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -248,19 +177,19 @@ def shard_name(index: int) -> str:
 
 
 def put_table(fs, root: str, name: str, table) -> dict:
-    """Write one Parquet shard atomically (see `_put`); returns its manifest entry."""
+    """Write one Parquet shard atomically (storage.atomic_write); returns its manifest entry."""
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
     pq.write_table(table, buf)
     data = buf.getvalue()
-    _put(fs, join_uri(root, name), data)
+    atomic_write(join_uri(root, name), data, fs=fs)
     return {"file": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def write_manifest(fs, root: str, manifest: Mapping[str, Any]) -> None:
     """Write manifest.json last (its presence marks the dataset complete)."""
-    _put(fs, join_uri(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    atomic_write(join_uri(root, MANIFEST), json.dumps(manifest, indent=1).encode(), fs=fs)
 
 
 def array_bytes(x: np.ndarray, dtype: str) -> list[bytes]:

@@ -24,15 +24,13 @@ stage(S - 1), the last step run, and the next switch happens when stage(step) fi
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .config import Config, ConfigError
+from .storage import local_copy
 
 FLOW_MATCHING_TYPES = ("flow_matching", "naive")
 """train_type values of a valid teacher ('naive' is the paper's name for flow matching)."""
@@ -77,7 +75,7 @@ def pd_stage(step: int, max_steps: int) -> int:
 
 def read_checkpoint_state(uri: str) -> dict:
     """state.json of a checkpoint directory at a local path or fsspec URI; clear errors if it is not one."""
-    from .shards import filesystem, join_uri
+    from .storage import filesystem, join_uri
 
     fs, root = filesystem(uri)
     hint = ("objective.teacher_checkpoint must be a checkpoint directory (…/checkpoint_NNNNNNN) of a "
@@ -135,33 +133,6 @@ def check_teacher(cfg: Config) -> dict | None:
 
 
 # -- worker side: loading --------------------------------------------------------------------------
-
-def local_checkpoint(uri: str, cache_dir: str | None = None) -> str:
-    """A local directory holding the checkpoint at `uri` (fsspec URIs are copied once into a cache).
-
-    The copy lands in a temp dir renamed into place, so workers on one node that race for the same
-    checkpoint never see a half-copied directory.
-    """
-    if "://" not in uri or uri.startswith("file://"):
-        return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-    from .shards import cache_root, filesystem
-
-    fs, path = filesystem(uri)
-    root = cache_dir or cache_root()
-    if "://" in root:  # a remote cache root is for datasets; checkpoints need a local copy
-        root = os.path.join(tempfile.gettempdir(), "shortcut_ray")
-    dest = os.path.join(root, "checkpoints", path.strip("/").replace("/", "_"))
-    if os.path.exists(os.path.join(dest, "state.json")):
-        return dest
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(dest))
-    fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another worker finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
 
 def load_weights(path: str, modules: dict[str, nn.Module]) -> None:
     """Load checkpoint entries ('model', 'ema', ...) into modules, plain or FSDP2-sharded (DCP reshards).
@@ -252,7 +223,7 @@ def attach(state, uri: str | None = None) -> DistillTeacher | None:
     cfg = state.cfg
     if not needs_teacher(cfg.objective.train_type):
         return None
-    path = local_checkpoint(uri or cfg.objective.teacher_checkpoint)
+    path = local_copy(uri or cfg.objective.teacher_checkpoint)  # remote: copied once to the cache
     state.distill = build_teacher(cfg, path, state.device, refreshes_teacher(cfg.objective.train_type))
     init_student(state, path)
     return state.distill

@@ -34,6 +34,7 @@ import typing
 from dataclasses import dataclass
 
 from .config import Config, ConfigError
+from .storage import atomic_write, filesystem, is_remote
 from .tune_space import (DRIVER_RESOURCE, Dim, _with, asha_grace_period, check_metric, default_space,
                          expected_trials, field_type, fmt_value, max_concurrent_trials, param_space)
 
@@ -48,20 +49,13 @@ BASE_CONFIG_FILE = "base_config.json"
 
 
 def read_base(uri: str) -> Config:
-    from .shards import filesystem
-
     fs, path = filesystem(uri)
     with fs.open(path, "r") as f:
         return Config.from_dict(json.load(f))
 
 
 def write_base(cfg: Config, uri: str) -> None:
-    from .shards import filesystem
-
-    fs, path = filesystem(uri)
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(cfg.to_json())
+    atomic_write(uri, cfg.to_json())
 
 
 def trial_config(config: dict, trial_id: str, base: Config | None = None) -> Config:
@@ -150,7 +144,7 @@ def _absolute(cfg: Config) -> Config:
     """Trial actors run in their trial directory: make local relative paths absolute on the driver."""
     for key in ("data.uri", "eval.fid_weights", "eval.fid_ref_stats", "train.resume_from", "train.storage_path"):
         v = cfg.flat()[key]
-        if v and "://" not in v and not os.path.isabs(os.path.expanduser(v)):
+        if v and not is_remote(v) and not os.path.isabs(os.path.expanduser(v)):
             cfg = _with(cfg, key, os.path.abspath(v))
     return cfg
 
@@ -237,7 +231,8 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
     from ray import tune
 
     from . import data
-    from .launch import pyarrow_filesystem, resolve_runtime, storage_root
+    from .launch import resolve_runtime, storage_root
+    from .storage import pyarrow_filesystem
     from .tracking import MlflowTracker
 
     if mode not in ("min", "max"):
@@ -326,7 +321,7 @@ def _summarise(grid, saved, base: Config, name, exp_uri, metric, mode, parent_id
     done = len(saved) >= want and all(t.status in ("TERMINATED", "ERROR") for t in saved)
     out = SweepResult(name, exp_uri, metric, mode, base.tracking.tracking_uri, parent_id, finished=done)
     root = base.train.storage_path
-    scheme = root.split("://")[0] + "://" if "://" in root and not root.startswith("file://") else ""
+    scheme = root.split("://")[0] + "://" if is_remote(root) else ""
     best_key, best_config = None, None
     for r, config in zip(grid, configs):
         m = r.metrics or {}

@@ -70,7 +70,7 @@ class Runner:
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None and resume_from:
-            from .launch import pyarrow_filesystem
+            from .storage import pyarrow_filesystem
 
             fs, path = pyarrow_filesystem(resume_from)
             ckpt = ray.train.Checkpoint(path, filesystem=fs)
@@ -337,7 +337,7 @@ def evaluate_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     state = TrainState.create(cfg, device)
-    from .launch import pyarrow_filesystem
+    from .storage import pyarrow_filesystem
 
     fs, path = pyarrow_filesystem(loop_config["checkpoint"])
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:

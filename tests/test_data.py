@@ -169,19 +169,6 @@ def test_decode_latents_samples_posterior_and_picks_flip():
     assert 0.45 < (z - 0.5 * mean).std() < 0.55
 
 
-def test_filesystem_resolution(monkeypatch, tmp_path):
-    fs, path = shards.filesystem(str(tmp_path))
-    assert shards.is_local_fs(fs) and path == str(tmp_path)
-    assert shards.filesystem("file://" + str(tmp_path))[1] == str(tmp_path)
-    fs, path = shards.filesystem("memory://bucket/ds")
-    assert "memory" in fs.protocol and path.endswith("bucket/ds")
-    monkeypatch.delenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", raising=False)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:1")
-    fs, path = shards.filesystem("gs://bucket/prefix/")
-    assert path == "bucket/prefix" and os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] == "false"
-    assert type(fs).__module__ == "gcsfs.core"  # not the HNS-probing subclass (RAY_NOTES §2)
-
-
 # -- real Ray Data -------------------------------------------------------------------------------
 
 class FakeShard:

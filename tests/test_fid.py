@@ -205,7 +205,7 @@ def test_fsspec_uri_is_copied_to_the_cache(tmp_path):
         g.write(f.read())
     ext = load_inception("memory://bucket/probe.pt")
     assert ext(torch.zeros(1, 3, 8, 8)).shape == (1, 2048)
-    assert any(name.endswith("probe.pt") for name in os.listdir(tmp_path / "cache"))
+    assert any(name.endswith("probe.pt") for name in os.listdir(tmp_path / "cache" / "copies"))
 
 
 def test_env_var_names_the_weights(tmp_path, monkeypatch):

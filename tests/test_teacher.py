@@ -9,7 +9,7 @@ import fsspec
 import pytest
 import torch
 
-from shortcut_ray import checkpoint, teacher
+from shortcut_ray import checkpoint, storage, teacher
 from shortcut_ray.config import ConfigError, apply_overrides
 from shortcut_ray.objectives.flow_matching import FlowMatchingObjective
 from shortcut_ray.presets import get_preset
@@ -99,14 +99,15 @@ def test_teacher_uri_missing_not_a_checkpoint_or_not_needed(distill, tmp_path, t
     assert teacher.check_teacher(_cfg(f"objective.teacher_checkpoint={teacher_uri}"))["step"] == 123
 
 
-def test_remote_teacher_is_read_and_copied_through_fsspec(teacher_uri, tmp_path):
+def test_remote_teacher_is_read_and_copied_through_fsspec(teacher_uri, tmp_path, monkeypatch):
     fs = fsspec.filesystem("memory")
     fs.put(teacher_uri.rstrip("/") + "/", "/teachers/ck/", recursive=True)
     uri = "memory://teachers/ck"
     assert teacher.check_teacher_checkpoint(_cfg(), uri)["step"] == 123
-    local = teacher.local_checkpoint(uri, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv(storage.ENV_CACHE, str(tmp_path / "cache"))
+    local = storage.local_copy(uri)  # what teacher.load_teacher and pairs do with a remote teacher
     assert sorted(os.listdir(local)) == sorted(os.listdir(teacher_uri))
-    assert teacher.local_checkpoint(uri, cache_dir=str(tmp_path / "cache")) == local  # cached
+    assert storage.local_copy(uri) == local  # cached
 
 
 def _weights(m):
