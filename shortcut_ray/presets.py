@@ -1,4 +1,5 @@
-"""Named runs: functions returning a full Config, each derived from another in a few lines.
+"""Named runs: functions returning a full Config, each `override(parent, {dotted key: value})` of the
+defaults or of another preset (the same override path as `--set`, sweeps and trials).
 
 `get_preset("digits")`; `python -m jobs.train --preset digits --set train.max_steps=500`.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from .config import Config, DataConfig, EvalConfig, ObjectiveConfig, TrainConfig
+from .config import Config, override
 from .model import model_config
 
 PRESETS: dict[str, Callable[[], Config]] = {}
@@ -25,82 +26,77 @@ def get_preset(name: str) -> Config:
     return dataclasses.replace(PRESETS[name](), preset=name)
 
 
-def _replace(cfg: Config, **sections) -> Config:
-    """Replace fields inside sections: _replace(cfg, train=dict(max_steps=10))."""
-    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+def _model(size: str) -> dict:
+    """The model.* keys of a named DiT size, for `override`."""
+    return {f"model.{k}": v for k, v in dataclasses.asdict(model_config(size)).items()}
 
 
 @preset
 def digits() -> Config:
     """The embedded default: scikit-learn's 1,797 digits at 16x16, a small DiT, minutes on a laptop CPU."""
-    return Config(
-        model=model_config("DiT-M/2"),
-        data=DataConfig(source="digits", image_size=16, channels=1, num_classes=10, random_flip=False),
-        optim=dataclasses.replace(Config().optim, lr=5e-4),
-        ema=dataclasses.replace(Config().ema, decay=0.99),
-        train=TrainConfig(global_batch=64, max_steps=1500, num_workers=2, log_every=25, sample_every=500,
-                          checkpoint_every=500),
-        eval=EvalConfig(grid_size=8),
-    )
+    return override(Config(), {
+        **_model("DiT-M/2"),
+        "data.source": "digits", "data.image_size": 16, "data.channels": 1, "data.num_classes": 10,
+        "data.random_flip": False, "optim.lr": 5e-4, "ema.decay": 0.99,
+        "train.global_batch": 64, "train.max_steps": 1500, "train.num_workers": 2, "train.log_every": 25,
+        "train.sample_every": 500, "train.checkpoint_every": 500, "eval.grid_size": 8})
 
 
 @preset
 def debug_cpu() -> Config:
     """Tiny and fast: for tests and for checking that the system runs end to end (seconds)."""
-    return _replace(digits(), model=dict(**model_config("DiT-T/2").__dict__),
-                    train=dict(max_steps=20, log_every=5, sample_every=10, checkpoint_every=10),
-                    eval=dict(grid_size=4, sample_steps=(1, 2, 4, 128)))
+    return override(digits(), {
+        **_model("DiT-T/2"), "train.max_steps": 20, "train.log_every": 5, "train.sample_every": 10,
+        "train.checkpoint_every": 10, "eval.grid_size": 4, "eval.sample_steps": (1, 2, 4, 128)})
 
 
 @preset
 def digits_flow_matching() -> Config:
     """The flow-matching baseline on the embedded default (same budget as `digits`)."""
-    return _replace(digits(), objective=dict(train_type="flow_matching"))
+    return override(digits(), {"objective.train_type": "flow_matching"})
 
 
 @preset
 def fashion_mnist_dit_s() -> Config:
     """Fashion-MNIST at 32x32 pixels (28x28 padded), DiT-S/2, about 20 minutes on one H100."""
-    return Config(
-        model=model_config("DiT-S/2"),
-        data=DataConfig(source="fashion_mnist", uri="/usr/share/datasets/fashion-mnist", image_size=32,
-                        channels=1, num_classes=10, random_flip=False),
-        ema=dataclasses.replace(Config().ema, decay=0.999),
-        train=TrainConfig(global_batch=256, max_steps=30000, num_workers=1, use_gpu=True, cpus_per_worker=4,
-                          log_every=100, sample_every=5000, checkpoint_every=5000, eval_every=10000),
-        eval=EvalConfig(fid_steps=(1, 2, 4, 8, 128), fid_samples=10000),
-    )
+    return override(Config(), {
+        **_model("DiT-S/2"),
+        "data.source": "fashion_mnist", "data.uri": "/usr/share/datasets/fashion-mnist", "data.image_size": 32,
+        "data.channels": 1, "data.num_classes": 10, "data.random_flip": False, "ema.decay": 0.999,
+        "train.global_batch": 256, "train.max_steps": 30000, "train.num_workers": 1, "train.use_gpu": True,
+        "train.cpus_per_worker": 4, "train.log_every": 100, "train.sample_every": 5000,
+        "train.checkpoint_every": 5000, "train.eval_every": 10000,
+        "eval.fid_steps": (1, 2, 4, 8, 128), "eval.fid_samples": 10000})
+
+
+def _latent_256(num_classes: int, bucket_prefix: str, **updates) -> Config:
+    """ALGORITHM §3.3 common part: SD-VAE latents of 256 px images (32x32x4), DiT-B/2, 8 GPU workers."""
+    return override(Config(), {
+        **_model("DiT-B/2"),
+        "data.source": "parquet", "data.uri": f"gs://YOUR_BUCKET/{bucket_prefix}", "data.image_size": 32,
+        "data.channels": 4, "data.num_classes": num_classes, "data.kind": "latents",
+        "train.num_workers": 8, "train.use_gpu": True, "train.cpus_per_worker": 8, "train.log_every": 1000,
+        "train.sample_every": 20_000, "train.checkpoint_every": 20_000, "train.eval_every": 20_000,
+        "eval.fid_steps": (1, 4, 32, 128), "eval.fid_samples": 4096, **updates})
 
 
 @preset
 def celebahq256_dit_b() -> Config:
     """ALGORITHM §3.3: unconditional CelebA-HQ 256 on SD-VAE latents, DiT-B/2, batch 64, 410k steps."""
-    return Config(
-        model=model_config("DiT-B/2"),
-        objective=ObjectiveConfig(class_conditional=False, class_dropout_prob=1.0),
-        data=DataConfig(source="parquet", uri="gs://YOUR_BUCKET/celebahq256-latents", image_size=32,
-                        channels=4, num_classes=1, kind="latents"),
-        train=TrainConfig(global_batch=64, max_steps=410_000, num_workers=8, use_gpu=True, cpus_per_worker=8,
-                          log_every=1000, sample_every=20_000, checkpoint_every=20_000, eval_every=20_000),
-        eval=EvalConfig(cfg_scale=0.0, fid_steps=(1, 4, 32, 128), fid_samples=4096),
-    )
+    return _latent_256(1, "celebahq256-latents", **{
+        "objective.class_conditional": False, "objective.class_dropout_prob": 1.0,
+        "train.global_batch": 64, "train.max_steps": 410_000, "eval.cfg_scale": 0.0})
 
 
 @preset
 def imagenet256_dit_b() -> Config:
     """ALGORITHM §3.3: class-conditional ImageNet 256 latents, DiT-B/2, batch 256, bootstrap CFG 1.5."""
-    return Config(
-        model=model_config("DiT-B/2"),
-        objective=ObjectiveConfig(bootstrap_cfg=True, cfg_scale=1.5, class_dropout_prob=0.1),
-        data=DataConfig(source="parquet", uri="gs://YOUR_BUCKET/imagenet256-latents", image_size=32,
-                        channels=4, num_classes=1000, kind="latents"),
-        train=TrainConfig(global_batch=256, max_steps=810_000, num_workers=8, use_gpu=True, cpus_per_worker=8,
-                          log_every=1000, sample_every=20_000, checkpoint_every=20_000, eval_every=20_000),
-        eval=EvalConfig(fid_steps=(1, 4, 32, 128), fid_samples=4096),
-    )
+    return _latent_256(1000, "imagenet256-latents", **{
+        "objective.bootstrap_cfg": True, "objective.cfg_scale": 1.5, "objective.class_dropout_prob": 0.1,
+        "train.global_batch": 256, "train.max_steps": 810_000})
 
 
 @preset
 def imagenet256_dit_xl() -> Config:
     """The DiT-XL/2 scaling run of ALGORITHM §3.3."""
-    return _replace(imagenet256_dit_b(), model=dict(**model_config("DiT-XL/2").__dict__))
+    return override(imagenet256_dit_b(), _model("DiT-XL/2"))

@@ -30,13 +30,12 @@ import dataclasses
 import json
 import math
 import os
-import typing
 from dataclasses import dataclass
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, override
 from .storage import atomic_write, filesystem, is_remote
-from .tune_space import (DRIVER_RESOURCE, Dim, _with, asha_grace_period, check_metric, default_space,
-                         expected_trials, field_type, fmt_value, max_concurrent_trials, param_space)
+from .tune_space import (DRIVER_RESOURCE, Dim, asha_grace_period, check_metric, default_space,
+                         expected_trials, fmt_value, max_concurrent_trials, param_space)
 
 DEFAULT_METRIC = "eval/fd_pixel/N1"
 DEFAULT_MODE = "min"
@@ -63,19 +62,12 @@ def trial_config(config: dict, trial_id: str, base: Config | None = None) -> Con
     param space, which Tune prints and copies into every result row) with the sampled values, a
     stable Train run name from the trial id (a retried trial resumes its run), and the MLflow parent."""
     sweep = config["sweep"]
-    cfg = base or read_base(sweep["base_config"])
-    for key, value in config.items():
-        if "." in key:
-            typ = field_type(key)
-            cfg = _with(cfg, key, tuple(value) if typing.get_origin(typ) is tuple else
-                        typ(value) if typ in (int, float, bool) else value)
+    cfg = override(base or read_base(sweep["base_config"]), {k: v for k, v in config.items() if "." in k})
     name = f"{sweep['name']}-{trial_id}"
     tags = ",".join(t for t in (cfg.tracking.tags, f"sweep={sweep['name']}", f"trial_id={trial_id}") if t)
-    for key, value in (("train.run_name", name), ("train.storage_path", sweep["train_storage"]),
-                       ("tracking.run_name", name), ("tracking.parent_run_id", sweep["parent_run_id"]),
-                       ("tracking.tags", tags)):
-        cfg = _with(cfg, key, value)
-    return cfg
+    return override(cfg, {"train.run_name": name, "train.storage_path": sweep["train_storage"],
+                          "tracking.run_name": name, "tracking.parent_run_id": sweep["parent_run_id"],
+                          "tracking.tags": tags})
 
 
 def shortcut_trial(config: dict) -> None:
@@ -145,7 +137,7 @@ def _absolute(cfg: Config) -> Config:
     for key in ("data.uri", "eval.fid_weights", "eval.fid_ref_stats", "train.resume_from", "train.storage_path"):
         v = cfg.flat()[key]
         if v and not is_remote(v) and not os.path.isabs(os.path.expanduser(v)):
-            cfg = _with(cfg, key, os.path.abspath(v))
+            cfg = override(cfg, {key: os.path.abspath(v)})
     return cfg
 
 
@@ -251,7 +243,7 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
         base = read_base(f"{exp_uri}/{BASE_CONFIG_FILE}")
     else:
         base = _absolute(check_metric(resolve_runtime(base), metric))
-        base = _with(_with(base, "train.storage_path", root), "train.run_name", "")
+        base = override(base, {"train.storage_path": root, "train.run_name": ""})
         space = space if space is not None else default_space(base)
         domains = param_space(space, search)  # checked before anything is created: bad input fails here
         concurrent = max_concurrent or max_concurrent_trials(

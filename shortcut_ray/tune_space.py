@@ -5,14 +5,12 @@ builds the Tune domains (ray imported there). `shortcut_ray.tune` runs the sweep
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import typing
 from dataclasses import dataclass
 
-from .config import Config, ConfigError
-from .config import _parse_value as parse_field  # the parser behind --set
+from .config import Config, ConfigError, field_type, override, parse_value
 
 DRIVER_RESOURCE = "train_driver"
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -45,32 +43,13 @@ def fmt_value(v) -> str:
     return str(v)
 
 
-def field_type(key: str):
-    """Type of a dotted config key ('optim.lr' -> float); ConfigError for unknown keys."""
-    parts = key.split(".")
-    hints = typing.get_type_hints(Config)
-    if len(parts) != 2 or parts[0] not in hints or not dataclasses.is_dataclass(hints[parts[0]]):
-        sections = [k for k, t in hints.items() if dataclasses.is_dataclass(t)]
-        raise ConfigError(f"search key {key!r} must be section.key with section in {sections}")
-    sec = typing.get_type_hints(hints[parts[0]])
-    if parts[1] not in sec:
-        raise ConfigError(f"unknown key {key!r}; valid keys in {parts[0]}: {sorted(sec)}")
-    return sec[parts[1]]
-
-
-def _with(base: Config, key: str, value) -> Config:
-    """base with one key replaced (through the dataclasses, so every invariant is checked)."""
-    section, name = key.split(".")
-    return dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section), **{name: value})})
-
-
 def _parse_value(key: str, raw: str):
     """A raw candidate parsed with the field's type, via the same code as --set."""
     raw = raw.strip()
     if raw.startswith("[") and raw.endswith("]"):
         raw = raw[1:-1]
     try:
-        return parse_field(raw, field_type(key))
+        return parse_value(raw, field_type(key))
     except ValueError as e:
         raise ConfigError(f"cannot parse {raw!r} for {key} ({field_type(key)}): {e}") from None
 
@@ -122,7 +101,7 @@ def parse_dim(text: str) -> Dim:
 
 def _reject_reason(base: Config, key: str, value) -> str | None:
     try:
-        _with(base, key, value)
+        override(base, {key: value})
         return None
     except (ConfigError, TypeError) as e:
         return str(e)
@@ -226,7 +205,7 @@ def check_metric(base: Config, metric: str) -> Config:
         raise ConfigError(f"metric {metric} is only reported if {n} is in eval.fid_steps "
                           f"(now {base.eval.fid_steps}); add it with --set eval.fid_steps=...")
     if base.train.eval_every <= 0:
-        base = _with(base, "train.eval_every", max(1, base.train.max_steps // 4))
+        base = override(base, {"train.eval_every": max(1, base.train.max_steps // 4)})
     return base
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shortcut_ray.config import Config, ConfigError, EMAConfig, ObjectiveConfig, OptimConfig, TrainConfig, \
-    apply_overrides
+    apply_overrides, override
 from shortcut_ray.ema import make_ema, update_ema
 from shortcut_ray.optim import build_optimizer, lr_at
 from shortcut_ray.presets import PRESETS, get_preset
@@ -77,3 +77,22 @@ def test_overrides_parse_types_and_refuse_unknown_keys():
 
 def test_ema_config_default():
     assert EMAConfig().decay == 0.999 and EMAConfig().eval_with_ema is False
+
+
+def test_override_is_one_path_for_set_presets_and_sweeps():
+    base = get_preset("digits")
+    typed = override(base, {"optim.lr": 3e-4, "eval.fid_steps": [1, 4], "train.max_steps": 7.0,
+                            "ema.eval_with_ema": 1, "preset": "x"})  # JSON/Tune-style values are coerced
+    assert typed == apply_overrides(base, ["optim.lr=3e-4", "eval.fid_steps=[1,4]", "train.max_steps=7",
+                                           "ema.eval_with_ema=true", "preset=x"])
+    assert type(typed.train.max_steps) is int and typed.eval.fid_steps == (1, 4)
+    assert override(base, {}) == base
+    with pytest.raises(ConfigError, match="whole section"):
+        override(base, {"optim": 1})
+    with pytest.raises(ConfigError, match="cannot use"):
+        override(base, {"train.max_steps": "many"})
+    with pytest.raises(ConfigError, match="exceeds objective.denoise_timesteps"):  # invariants checked on the result
+        override(base, {"eval.sample_steps": (1, 256)})
+    # several keys at once: the intermediate config (global_batch 8 with bootstrap_every 8) is never built
+    fm = override(base, {"train.global_batch": 8, "objective.train_type": "flow_matching"})
+    assert fm.train.global_batch == 8
