@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from shortcut_ray import checkpoint
@@ -34,19 +35,27 @@ def test_fd_pixel_separates_matching_from_shifted_samples():
     assert report["samples"] == 600 and report["weights"] == "online" and set(report["per_N"]) == {"1", "4"}
 
 
-def test_fid_path_with_a_torchscript_feature_network(tmp_path):
-    class Tiny(torch.nn.Module):  # stands in for InceptionV3: (B,3,299,299) -> (B,2048)
+def test_fid_path_is_zero_on_the_reference_and_the_analytic_value_when_shifted(tmp_path):
+    class Tiny(torch.nn.Module):  # stands in for InceptionV3: (B,3,299,299) -> (B,2048), linear
         def forward(self, x):
             return torch.nn.functional.adaptive_avg_pool2d(x, 32).flatten(1)[:, :2048] * 3
 
     path = tmp_path / "tiny.pt"
     torch.jit.script(Tiny()).save(str(path))
-    cfg = _cfg(**{"eval.fid_weights": str(path), "eval.fid_samples": 300, "eval.fid_steps": "1"})
+    cfg = _cfg(**{"eval.fid_weights": str(path), "eval.fid_samples": 100, "eval.fid_steps": "1"})
     ev = Evaluator(cfg, torch.device("cpu"))
-    ev.set_reference(torch.rand(300, 1, 16, 16) * 2 - 1)
-    metrics, report = ev.run(lambda x, t, k, y: torch.zeros_like(x), batch_size=100)
-    assert set(metrics) == {"fd_pixel/N1", "fid/N1"} and metrics["fid/N1"] > 0
-    assert report["inception"].startswith("tiny.pt")
+    # The Evaluator's own fixed noise (rank 0), so a model can reproduce the reference exactly.
+    noise = torch.randn((100, 1, 16, 16), generator=torch.Generator().manual_seed(cfg.eval.seed * 7_919))
+    ev.set_reference(0.1 * noise)
+    same, report = ev.run(lambda x, t, k, y: -0.9 * x, batch_size=100)  # N=1: x0 + v = 0.1 x0
+    shift = 0.3  # every pixel +0.3: covariances unchanged, means move by the features of a constant image
+    shifted, _ = ev.run(lambda x, t, k, y: -0.9 * x + shift, batch_size=100)
+    assert report["inception"].startswith("tiny.pt") and set(same) == {"fd_pixel/N1", "fid/N1"}
+    assert abs(same["fid/N1"]) < 1e-2 and abs(same["fd_pixel/N1"]) < 1e-2, same  # FD(X, X) = 0
+    ones = torch.ones(1, 1, 16, 16)
+    delta = (ev.inception(shift * ones) - ev.inception(0 * ones)).double()
+    assert shifted["fid/N1"] == pytest.approx(float(delta.pow(2).sum()), rel=1e-3)  # ||mu1 - mu2||^2
+    assert shifted["fd_pixel/N1"] == pytest.approx(256 * shift ** 2, rel=1e-3)  # 16x16 pooled pixels, +0.3 each
 
 
 def test_checkpoint_dir_names_round_trip():

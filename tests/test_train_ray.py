@@ -56,7 +56,7 @@ def test_fsdp_training_fails_restarts_and_resumes(tmp_path, ray_session):
         # B: rank 1 dies at step 13; Ray restarts the worker group from checkpoint 8
         fault.write_text("13 1")
         b = fit(resolve_runtime(_config(tmp_path, uri, "run-b", 24)))
-        assert a.error is None and b.metrics["step"] == 24
+        assert b.error is None and b.metrics["step"] == 24
         assert not fault.exists()  # the fault really fired
         run_dir = tmp_path / "runs" / "run-b"
         ckpts = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
