@@ -1,8 +1,10 @@
 """Typed run configuration: one frozen dataclass per concern, validated before any training.
 
 Everything a run does is decided here. `Config.to_dict()` is what goes into every checkpoint and into
-MLflow params; `Config.from_dict()` reads it back; `override(cfg, {"optim.lr": 3e-4})` is the one override
-path (presets, sweep spaces, trial configs) and `apply_overrides(cfg, ["optim.lr=3e-4"])` the `--set` of every job. Invariants are checked in `__post_init__` with messages that say what to change,
+MLflow params; `Config.from_dict()` reads it back; `override(cfg, {"optim.lr": 3e-4})` is the one
+override path (presets, sweep spaces, trial configs) and `apply_overrides(cfg, ["optim.lr=3e-4"])` the
+`--set` of every job (both in overrides.py, re-exported here). Invariants are checked in
+`__post_init__` with messages that say what to change,
 including the ones the paper's code silently accepts (ALGORITHM §2.2: a batch too small for the
 bootstrap layout quietly trains a single step size).
 """
@@ -12,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 
+# The override path (and the error type) lives in overrides.py; importable from here as well.
+from .overrides import ConfigError, apply_overrides, coerce, field_type, from_dict, override, parse_overrides, \
+    parse_value
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message says what to change."""
+REEXPORTED = (apply_overrides, coerce, field_type, override, parse_overrides, parse_value)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -338,7 +341,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return _from_dict(cls, d)
+        return from_dict(cls, d)
 
     def flat(self) -> dict[str, object]:
         """Dotted keys -> values, for MLflow params."""
@@ -384,115 +387,3 @@ def _validate_reflow_layout(obj: ObjectiveConfig, global_batch: int, world: int)
            f"live reflow needs train.global_batch // objective.bootstrap_every = {b_b} reflow rows to be >= 1 "
            f"and to split evenly over train.num_workers={world}; choose train.global_batch as a multiple of "
            f"{obj.bootstrap_every * world}")
-
-
-# -- dict / override plumbing --------------------------------------------------------------------
-
-def _from_dict(cls, d: dict):
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    _check(not unknown, f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(names)}")
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        t = hints[f.name]
-        if dataclasses.is_dataclass(t):
-            kwargs[f.name] = _from_dict(t, v)
-        elif typing.get_origin(t) is tuple:
-            kwargs[f.name] = tuple(v)
-        else:
-            kwargs[f.name] = v
-    return cls(**kwargs)
-
-
-def field_type(key: str):
-    """Type of a dotted config key ('optim.lr' -> float); ConfigError naming the valid keys otherwise."""
-    typ, parts = Config, key.strip().split(".")
-    for i, name in enumerate(parts):
-        hints = typing.get_type_hints(typ)
-        where = ".".join(parts[:i])
-        if not dataclasses.is_dataclass(typ) or name not in hints:
-            if not where:
-                sections = [k for k, t in hints.items() if dataclasses.is_dataclass(t)]
-                raise ConfigError(f"unknown config key {key!r}: it must be section.key with section in "
-                                  f"{sections} (e.g. train.max_steps)")
-            raise ConfigError(f"unknown key {key!r}; valid keys in {where}: {sorted(hints)}")
-        typ = hints[name]
-    if dataclasses.is_dataclass(typ):
-        raise ConfigError(f"{key!r} is a whole section; set one of its keys: "
-                          f"{[f'{key}.{k}' for k in typing.get_type_hints(typ)]}")
-    return typ
-
-
-def parse_value(raw: str, typ):
-    """A `--set` string as a value of type `typ` (bool: true/false/1/0/yes/no; tuple: 1,2,4 or [1,2,4])."""
-    if typ is bool:
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"expected a boolean (true/false), got {raw!r}")
-    if typ is int:
-        return int(raw)
-    if typ is float:
-        return float(raw)
-    if typing.get_origin(typ) is tuple:
-        items = [s for s in raw.strip("()[] ").split(",") if s.strip()]
-        (inner, *_rest) = typing.get_args(typ)
-        return tuple(parse_value(s.strip(), inner) for s in items)
-    return raw
-
-
-def coerce(key: str, value):
-    """`value` as the type of config key `key`: strings are parsed as `--set` parses them, JSON-ish
-    values (Tune samples, JSON lists) converted (list -> tuple, 3 -> 3.0 for a float)."""
-    typ = field_type(key)
-    try:
-        if isinstance(value, str) and typ is not str:
-            return parse_value(value, typ)
-        if typing.get_origin(typ) is tuple:
-            (inner, *_rest) = typing.get_args(typ)
-            return tuple(inner(v) for v in value)
-        if typ in (int, float) and not isinstance(value, bool) or typ is bool and value in (0, 1):
-            return typ(value)
-        return value
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot use {value!r} for {key} ({getattr(typ, '__name__', typ)}): {e}") from None
-
-
-def override(cfg: Config, updates: typing.Mapping[str, object]) -> Config:
-    """`cfg` with dotted keys replaced: override(cfg, {"train.max_steps": 100, "optim.lr": "3e-4"}).
-
-    The one override path: `--set` (apply_overrides), presets (`derive`), sweep spaces and trial configs
-    all come through here. Values are coerced to the field's type (`coerce`); the result is rebuilt
-    through the dataclasses, so every invariant is checked once on the whole new config.
-    """
-    d = cfg.to_dict()
-    for key, value in updates.items():
-        value = coerce(key, value)  # also checks that the key exists
-        *path, name = key.strip().split(".")
-        node = d
-        for part in path:
-            node = node[part]
-        node[name] = value
-    return Config.from_dict(d)
-
-
-def parse_overrides(items: typing.Iterable[str]) -> dict[str, str]:
-    """['optim.lr=3e-4', ...] -> {'optim.lr': '3e-4', ...} (later items win)."""
-    out = {}
-    for item in items:
-        _check("=" in item, f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = raw
-    return out
-
-
-def apply_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
-    """Apply `section.key=value` strings (the `--set` of every job); values are parsed by field type."""
-    return override(cfg, parse_overrides(overrides))
-
