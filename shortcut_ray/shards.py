@@ -89,19 +89,8 @@ def _column_chunks(rows, columns: tuple[str, ...], shard_size: int) -> Iterator[
         yield chunk
 
 
-def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[str, Any]) -> dict:
-    """Write rows as Parquet shards + manifest.json at `uri`; return the manifest.
-
-    rows_iter_or_arrays: a mapping {column: sequence} or an iterable of row dicts, with the columns of
-    the shard format (module docstring). meta must give kind, image_size, channels, num_classes
-    (latents: latent_shape); optional classes, skipped, skipped_files and any provenance keys. meta is
-    read again after the rows are consumed, so a generator may count skipped rows into it as it goes.
-    An old manifest is removed first and the new one written last, so a crash mid-write leaves a
-    directory that readers refuse rather than a mix of old and new shards.
-    """
-    import pyarrow as pa
-
-    meta_in, meta = meta, dict(meta)
+def _layout(meta: Mapping[str, Any], shard_size: int) -> tuple[str, int, tuple, tuple]:
+    """(kind, num_classes, columns, required columns) of a write, after checking meta."""
     for key in ("kind", "image_size", "channels", "num_classes"):
         if key not in meta:
             raise ValueError(f"write_shards meta needs {key!r}; got keys {sorted(meta)}")
@@ -116,6 +105,48 @@ def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[s
         raise ValueError(f"meta['kind'] must be 'pixels' or 'latents', got {kind!r}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return kind, num_classes, columns, required
+
+
+def _manifest(meta: dict, kind: str, num_classes: int, shards: list, class_counts, seen_cols) -> dict:
+    """manifest.json of written shards; `meta` read after the rows were consumed (a rows generator may
+    have filled in skipped / skipped_files)."""
+    if kind == "latents":
+        c, h, w = (int(v) for v in meta["latent_shape"])
+        if (meta["channels"], meta["image_size"]) != (c, h) or h != w:
+            raise ValueError(f"latent_shape {meta['latent_shape']} disagrees with channels/image_size "
+                             f"{meta['channels']}/{meta['image_size']} (latents must be square)")
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "kind": kind, "image_size": int(meta["image_size"]), "channels": int(meta["channels"]),
+        "num_classes": num_classes,
+        "classes": list(meta.get("classes") or [str(i) for i in range(num_classes)]),
+        "count": int(sum(s["rows"] for s in shards)),
+        "class_counts": class_counts.tolist() if "label" in (seen_cols or ()) else None,
+        "skipped": int(meta.get("skipped", 0)),
+        "skipped_files": list(meta.get("skipped_files", [])),
+        "latent_shape": list(meta["latent_shape"]) if kind == "latents" else None,
+        "has_flip": bool(seen_cols and {"mean_flip", "logvar_flip"} <= seen_cols),
+        "shards": shards,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest.update({k: v for k, v in meta.items() if k not in manifest})
+    return manifest
+
+
+def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[str, Any]) -> dict:
+    """Write rows as Parquet shards + manifest.json at `uri`; return the manifest.
+
+    rows_iter_or_arrays: a mapping {column: sequence} or an iterable of row dicts, with the columns of
+    the shard format (module docstring). meta must give kind, image_size, channels, num_classes
+    (latents: latent_shape); optional classes, skipped, skipped_files and any provenance keys. meta is
+    read again after the rows are consumed, so a generator may count skipped rows into it as it goes.
+    An old manifest is removed first and the new one written last, so a crash mid-write leaves a
+    directory that readers refuse rather than a mix of old and new shards.
+    """
+    import pyarrow as pa
+
+    kind, num_classes, columns, required = _layout(meta, shard_size)
 
     fs, root = filesystem(uri)
     fs.makedirs(root, exist_ok=True)
@@ -147,27 +178,7 @@ def write_shards(rows_iter_or_arrays, uri: str, shard_size: int, meta: Mapping[s
         if stale.rsplit("/", 1)[-1] not in keep:
             fs.rm(stale)
 
-    meta = dict(meta_in)  # re-read: a rows generator may have filled in skipped / skipped_files
-    if kind == "latents":
-        c, h, w = (int(v) for v in meta["latent_shape"])
-        if (meta["channels"], meta["image_size"]) != (c, h) or h != w:
-            raise ValueError(f"latent_shape {meta['latent_shape']} disagrees with channels/image_size "
-                             f"{meta['channels']}/{meta['image_size']} (latents must be square)")
-    manifest = {
-        "format": FORMAT, "version": VERSION,
-        "kind": kind, "image_size": int(meta["image_size"]), "channels": int(meta["channels"]),
-        "num_classes": num_classes,
-        "classes": list(meta.get("classes") or [str(i) for i in range(num_classes)]),
-        "count": int(sum(s["rows"] for s in shards)),
-        "class_counts": class_counts.tolist() if "label" in (seen_cols or ()) else None,
-        "skipped": int(meta.get("skipped", 0)),
-        "skipped_files": list(meta.get("skipped_files", [])),
-        "latent_shape": list(meta["latent_shape"]) if kind == "latents" else None,
-        "has_flip": bool(seen_cols and {"mean_flip", "logvar_flip"} <= seen_cols),
-        "shards": shards,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    manifest.update({k: v for k, v in meta.items() if k not in manifest})
+    manifest = _manifest(dict(meta), kind, num_classes, shards, class_counts, seen_cols)
     write_manifest(fs, root, manifest)
     return manifest
 
