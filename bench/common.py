@@ -1,13 +1,17 @@
-"""Shared helpers of the benchmark scripts: device and version description, timing, results JSON.
+"""The benchmark harness: arguments, inputs, device and version description, timing, results JSON.
 
-Every benchmark writes `bench/results/<name>.json` through `write_result`, which adds the command line,
-date, versions and host description (DESIGN §5: medians and ratios measured side by side in one run;
-absolute throughput only on a GPU, with the device named). `timed` / `interleaved` return per-repeat
-seconds, synchronising CUDA around every repeat so that asynchronous kernels are counted.
+Scripts run from the repository root as `python -m bench.NAME`. Every benchmark writes
+`bench/results/<name>.json` through `write_result`, which adds the command line, date, versions and
+host description (DESIGN §5: medians and ratios measured side by side in one run; absolute throughput
+only on a GPU, with the device named). `timed` / `interleaved` return per-repeat seconds, synchronising
+CUDA around every repeat so that asynchronous kernels are counted. `add_*_args` are the argument
+blocks the scripts share; `fid_weights` / `fashion_mnist_dir` find inputs from a flag or the
+environment and say what to pass when they are missing (no machine paths in the scripts).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import json
@@ -24,6 +28,8 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ENV_FASHION_MNIST = "SHORTCUT_FASHION_MNIST"  # folder of the four Fashion-MNIST IDX files
+FASHION_MNIST_FALLBACK = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 GPU_OWED = ("measured on CPU only (no GPU was lent to this task): absolute numbers are not meaningful; "
             "the GPU figures are owed -- run the GPU command in bench/README.md when a GPU is lent")
 
@@ -114,13 +120,13 @@ def _git_commit() -> str | None:
 
 
 def command_line() -> str:
-    """The command as typed (python + script path relative to the repo when possible + arguments)."""
-    script = sys.argv[0]
-    try:
-        script = str(Path(script).resolve().relative_to(Path(__file__).resolve().parent.parent))
-    except ValueError:
-        pass
-    return " ".join(["python", shlex.quote(script), *(shlex.quote(a) for a in sys.argv[1:])])
+    """The command as run: `python -m bench.NAME ARGS` for a script of this package."""
+    script = Path(sys.argv[0]).resolve()
+    if script.parent == Path(__file__).resolve().parent:
+        head = ["python", "-m", f"bench.{script.stem}"]
+    else:
+        head = ["python", shlex.quote(sys.argv[0])]
+    return " ".join([*head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def now_utc() -> str:
@@ -216,20 +222,22 @@ def reset_peak(device: torch.device) -> None:
 
 # -- results ------------------------------------------------------------------------------------------
 
-def write_result(name: str, payload: Mapping, device: torch.device | None = None) -> Path:
-    """Write bench/results/<name>.json: the payload plus command, date, versions and device."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, payload: Mapping, device: torch.device | None = None,
+                 out_dir: Path | str | None = None, quiet: bool = False) -> Path:
+    """Write <out_dir or bench/results>/<name>.json atomically: the payload plus command, date, versions
+    and device."""
+    from shortcut_ray.storage import atomic_write
+
     out = {"benchmark": name, "command": command_line(), "date": now_utc(), "versions": versions()}
     if device is not None:
         out["device"] = device_info(device)
         if device.type != "cuda":
             out["gpu_figures_owed"] = GPU_OWED
     out.update(payload)
-    path = RESULTS_DIR / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
-    tmp.replace(path)
-    print(f"wrote {path}", flush=True)
+    path = Path(out_dir or RESULTS_DIR) / f"{name}.json"
+    atomic_write(str(path), json.dumps(out, indent=1, default=_json_default) + "\n")
+    if not quiet:
+        print(f"wrote {path}", flush=True)
     return path
 
 
@@ -246,3 +254,89 @@ def set_threads(n: int | None) -> int:
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+# -- arguments and inputs -------------------------------------------------------------------------------
+
+def add_device_args(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
+    p.add_argument("--device", default=device_default, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="train.precision (auto: bf16 on a GPU, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile every DiT block")
+
+
+def add_config_args(p: argparse.ArgumentParser, preset: str = "digits") -> None:
+    from shortcut_ray.presets import PRESETS
+
+    p.add_argument("--preset", default=preset, help=f"one of {', '.join(sorted(PRESETS))}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-cpus", type=int, default=None, help="ray.init(num_cpus=...) (default: all cores)")
+    p.add_argument("--worker-niceness", type=int, default=0,
+                   help="$RAY_worker_niceness of the local cluster (Ray's default is 15, which on a busy shared "
+                        "host starves the workers against a nice-0 process)")
+
+
+def add_out_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", default=None, help=f"results name under bench/results (default {what})")
+
+
+def fid_weights(flag: str | None) -> str:
+    """FID Inception weights from --fid-weights, else $SHORTCUT_FID_WEIGHTS; a clear error otherwise."""
+    from shortcut_ray.fid import ENV_WEIGHTS
+
+    weights = flag or os.environ.get(ENV_WEIGHTS, "")
+    if not weights:
+        raise SystemExit(f"no FID Inception weights: pass --fid-weights PATH_OR_URI (fid_inception_v3.pt, a "
+                         f"TorchScript file, or pytorch-fid's pt_inception-2015-12-05-*.pth) or set ${ENV_WEIGHTS}")
+    return weights
+
+
+def fashion_mnist_dir(flag: str | None) -> str:
+    """The Fashion-MNIST IDX folder from --data, else $SHORTCUT_FASHION_MNIST, else Debian's package path."""
+    from shortcut_ray.shards import find_idx_pair
+
+    src = flag or os.environ.get(ENV_FASHION_MNIST) or FASHION_MNIST_FALLBACK
+    try:
+        find_idx_pair(src, "test")
+    except FileNotFoundError:
+        raise SystemExit(f"Fashion-MNIST IDX files not found in {src}: pass --data DIR or set ${ENV_FASHION_MNIST} "
+                         f"(Debian: apt-get install dataset-fashion-mnist)") from None
+    return src
+
+
+def shard_images(uri: str, data_cfg, start: int = 0, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows start..start+count-1 of the shards at `uri` in file (manifest) order, decoded by the training
+    pipeline's own `data.decode_batch` without random flips: ((n, C, H, W) in [-1, 1], (n,) labels)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from shortcut_ray import data, shards, storage
+
+    info = shards.dataset_info(uri)
+    fs, root = storage.filesystem(uri)
+    end = info["count"] if count is None else start + count
+    xs, ys, seen = [], [], 0
+    for shard in info["shards"]:
+        lo, hi = max(0, start - seen), min(shard["rows"], end - seen)
+        seen += shard["rows"]
+        if lo >= hi:
+            continue
+        with fs.open(storage.join_uri(root, shard["file"]), "rb") as f:
+            table = pq.read_table(f).slice(lo, hi - lo).to_pydict()
+        batch = {k: np.asarray(v, dtype=object if k != "label" else np.int64) for k, v in table.items()}
+        out = data.decode_batch(batch, kind=data_cfg.kind, channels=data_cfg.channels, image_size=data_cfg.image_size,
+                                random_flip=False, latent_scale=data_cfg.latent_scale,
+                                latent_shape=info.get("latent_shape"))
+        xs.append(torch.from_numpy(out["image"]))
+        ys.append(torch.from_numpy(out["label"]))
+    x = torch.cat(xs) if xs else torch.zeros(0)
+    if x.shape[0] != end - start:
+        raise SystemExit(f"{uri} has {info['count']} rows; need rows {start}..{end - 1}")
+    return x, torch.cat(ys)

@@ -1,11 +1,11 @@
 """Ray Data input pipeline throughput against the rate the trainer consumes, and the data-wait share.
 
-    python bench/data_throughput.py --device cpu --preset digits --threads 1         # CPU, ~4 min here
-    python bench/data_throughput.py --device cpu --preset digits --threads 1 --materialize   # what-if
-    python bench/data_throughput.py --device cpu --preset fashion_mnist_dit_s --tag-preset --pipeline-only \
-        --set data.uri=/work/shared/data/fashion-mnist                                # 60k rows, no trainer
-    python bench/data_throughput.py --device cuda --preset fashion_mnist_dit_s --tag-preset \
-        --set data.uri=/work/shared/data/fashion-mnist                                # on a GPU node
+    python -m bench.data_throughput --device cpu --preset digits --threads 1         # CPU, ~4 min here
+    python -m bench.data_throughput --device cpu --preset digits --threads 1 --materialize   # what-if
+    python -m bench.data_throughput --device cpu --preset fashion_mnist_dit_s --tag-preset --pipeline-only \
+        --set data.uri=FASHION_MNIST_IDX_DIR                                         # 60k rows, no trainer
+    python -m bench.data_throughput --device cuda --preset fashion_mnist_dit_s --tag-preset \
+        --set data.uri=FASHION_MNIST_IDX_DIR                                         # on a GPU node
 
 Three measurements in one process, on a local Ray cluster (`ray.init(num_cpus=--ray-cpus)`):
   1. pipeline alone: rows/s of exactly the training input path, `data.build_dataset` (Parquet shards ->
@@ -30,17 +30,16 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_tag, median, resolve_device, set_threads, stats, timed, write_result  # noqa: E402
+from bench.common import (add_config_args, add_device_args, add_out_arg, add_ray_args, device_tag, median,
+                          resolve_device, set_threads, stats, timed, write_result)
 
-from shortcut_ray import data  # noqa: E402
-from shortcut_ray import shards  # noqa: E402
-from shortcut_ray.config import apply_overrides  # noqa: E402
-from shortcut_ray.presets import PRESETS, get_preset  # noqa: E402
+from shortcut_ray import data
+from shortcut_ray import shards
+from shortcut_ray.config import apply_overrides
+from shortcut_ray.presets import get_preset
 
 
 def pipeline_epochs(shard, batch: int, cfg, device, epochs: int) -> tuple[list[dict], tuple]:
@@ -66,11 +65,11 @@ def pipeline_epochs(shard, batch: int, cfg, device, epochs: int) -> tuple[list[d
     return out, kept
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", help=f"one of {', '.join(sorted(PRESETS))}")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_config_args(p)
+    add_device_args(p)
+    add_ray_args(p)
     p.add_argument("--epochs", type=int, default=3, help="pipeline-alone epochs")
     p.add_argument("--train-steps", type=int, default=None, help="timed trainer steps (default 20 GPU, 5 CPU)")
     p.add_argument("--loop-steps", type=int, default=None,
@@ -79,28 +78,18 @@ def main(argv=None) -> int:
     p.add_argument("--materialize", action="store_true",
                    help="what-if: ds.materialize() the decoded dataset once (no per-epoch read + decode; freezes "
                         "random flips / latent sampling, so not what training does) to isolate the epoch start-up")
-    p.add_argument("--ray-cpus", type=int, default=None, help="ray.init(num_cpus=...) (default: all cores)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the trainer (default: torch's)")
-    p.add_argument("--worker-niceness", type=int, default=0,
-                   help="$RAY_worker_niceness (Ray's default 15 makes the decode tasks yield to this nice-0 trainer "
-                        "on a busy host; 0 gives both the same priority, as in a Train worker where both are niced)")
     p.add_argument("--tag-preset", action="store_true", help="add the preset to the results name")
-    p.add_argument("--out", default=None, help="results name (default data_throughput_<device tag>)")
-    args = p.parse_args(argv)
+    add_out_arg(p, "data_throughput_<device tag>")
+    return p.parse_args(argv)
 
-    device = resolve_device(args.device)
-    gpu = device.type == "cuda"
-    threads = set_threads(args.threads)
-    cfg = apply_overrides(get_preset(args.preset), args.set)
-    batch = cfg.train.global_batch  # one process = one worker holding the whole global batch
-    train_steps = args.train_steps or (20 if gpu else 5)
 
+def open_pipeline(args, cfg) -> tuple:
+    """(the one streaming split of the training dataset, dataset info, settings to record)."""
     import ray
 
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet that ray.init starts
     ray.init(num_cpus=args.ray_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     uri = data.resolve_dataset(cfg.data)
     resolve_s = time.perf_counter() - t0
@@ -111,13 +100,76 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         ds = ds.materialize()
         materialize_s = time.perf_counter() - t0
-    shard = ds.streaming_split(1, equal=True)[0]
-    print(f"device {device} ({device_tag(device)}), threads {threads}, preset {args.preset}: {info['count']} rows "
-          f"({len(info['shards'])} shards) at {uri}, batch {batch}, ray cpus {ray.cluster_resources().get('CPU')}",
-          flush=True)
+    settings = {"preset": args.preset, "overrides": args.set, "batch": cfg.train.global_batch, "dataset_uri": uri,
+                "dataset_rows": info["count"], "shards": len(info["shards"]), "image_size": cfg.data.image_size,
+                "channels": cfg.data.channels, "kind": cfg.data.kind, "shuffle_buffer": cfg.data.shuffle_buffer,
+                "prefetch_batches": cfg.data.prefetch_batches, "epochs": args.epochs,
+                "ray_cpus": ray.cluster_resources().get("CPU"), "torch_threads": torch.get_num_threads(),
+                "ray_worker_niceness": args.worker_niceness, "resolve_dataset_s": resolve_s,
+                "materialized": args.materialize, "materialize_s": materialize_s,
+                "model": f"h{cfg.model.hidden_size}-d{cfg.model.depth}-p{cfg.model.patch_size}",
+                "train_type": cfg.objective.train_type}
+    return ds.streaming_split(1, equal=True)[0], info, settings
 
-    # 1. the pipeline alone
-    epochs, (x, y) = pipeline_epochs(shard, batch, cfg, device, args.epochs)
+
+def combined_loop(stream, state, loop_steps: int, device) -> dict:
+    """Both, as worker.Runner.run: next() timed as data wait, no per-step sync."""
+    waits, steps_done, epochs_started = [], 0, 0
+    t_start = time.perf_counter()
+    while steps_done < loop_steps:
+        epochs_started += 1
+        while steps_done < loop_steps:
+            t0 = time.perf_counter()
+            b = stream.next()
+            waits.append(time.perf_counter() - t0)
+            if b is None:
+                break
+            state.step_on(*b)
+            steps_done += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, wait, batch = time.perf_counter() - t_start, sum(waits), state.local_batch
+    return {"steps": steps_done, "epochs_started": epochs_started, "wall_s": wall,
+            "images_per_s": steps_done * batch / wall, "data_wait_s": wait, "data_wait_frac": wait / wall,
+            "wait_per_next_s": stats(waits), "waits_over_100ms": sum(w > 0.1 for w in waits)}
+
+
+def trainer_and_loop(args, cfg, shard, x, y, info, device, pipe) -> dict:
+    """2. the trainer alone on one batch of the pipeline, 3. both together; the payload entries."""
+    from shortcut_ray.train_step import TrainState
+
+    batch = cfg.train.global_batch
+    state = TrainState.create(cfg, device)
+    t = timed(lambda: state.step_on(x, y), warmup=2, repeats=args.train_steps or (20 if device.type == "cuda" else 5),
+              sync=device)
+    trainer_ips = batch / median(t)
+    print(f"  trainer alone: {median(t):.3f}s/step = {trainer_ips:.1f} img/s", flush=True)
+    stream = data.EpochStream(shard, batch, cfg.data, device)  # what Runner.run reads from
+    loop = combined_loop(stream, state, args.loop_steps or max(20, 2 * (info["count"] // batch)), device)
+    stream.close()
+    # The epoch rate (start-up included) is what a trainer sees; the rate after the first batch can be far
+    # higher when the pipeline delivers an epoch in a few big blocks (then it only measures the iterator).
+    out = {"trainer": {"step_time_s": stats(t), "images_per_s": trainer_ips}, "loop": loop,
+           "headroom_pipeline_over_trainer": pipe["rows_per_s_incl_startup_median"] / trainer_ips,
+           "headroom_after_first_batch": pipe["steady_rows_per_s_median"] / trainer_ips}
+    print(f"  combined loop: {loop['steps']} steps, {loop['images_per_s']:.1f} img/s, data wait "
+          f"{loop['data_wait_s']:.2f}s of {loop['wall_s']:.1f}s = {loop['data_wait_frac']:.1%}; headroom "
+          f"{out['headroom_pipeline_over_trainer']:.1f}x (epoch rate incl. start-up), "
+          f"{out['headroom_after_first_batch']:.1f}x (after the first batch)", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    threads = set_threads(args.threads)
+    cfg = apply_overrides(get_preset(args.preset), args.set)
+    batch = cfg.train.global_batch  # one process = one worker holding the whole global batch
+    shard, info, settings = open_pipeline(args, cfg)
+    print(f"device {device} ({device_tag(device)}), threads {threads}, preset {args.preset}: {info['count']} rows "
+          f"({len(info['shards'])} shards) at {settings['dataset_uri']}, batch {batch}, ray cpus "
+          f"{settings['ray_cpus']}", flush=True)
+    epochs, (x, y) = pipeline_epochs(shard, batch, cfg, device, args.epochs)  # 1. the pipeline alone
     warm = epochs[1:] or epochs  # the first epoch also pays Ray Data's first-use costs
     pipe = {"epochs": epochs,
             "rows_per_s_incl_startup_median": median([e["rows_per_s"] for e in warm]),
@@ -126,62 +178,11 @@ def main(argv=None) -> int:
     payload: dict = {
         "what": "Ray Data pipeline (build_dataset + streaming_split + data.batches) rows/s vs TrainState.step_on "
                 "images/s on the same config, and the data-wait share of the combined loop",
-        "settings": {"preset": args.preset, "overrides": args.set, "batch": batch, "dataset_uri": uri,
-                     "dataset_rows": info["count"], "shards": len(info["shards"]), "image_size": cfg.data.image_size,
-                     "channels": cfg.data.channels, "kind": cfg.data.kind,
-                     "shuffle_buffer": cfg.data.shuffle_buffer, "prefetch_batches": cfg.data.prefetch_batches,
-                     "epochs": args.epochs, "ray_cpus": ray.cluster_resources().get("CPU"), "torch_threads": threads,
-                     "ray_worker_niceness": args.worker_niceness, "resolve_dataset_s": resolve_s,
-                     "materialized": args.materialize,
-                     "materialize_s": materialize_s,
-                     "model": f"h{cfg.model.hidden_size}-d{cfg.model.depth}-p{cfg.model.patch_size}",
-                     "train_type": cfg.objective.train_type},
-        "pipeline": pipe}
-
+        "settings": settings, "pipeline": pipe}
     if not args.pipeline_only:
-        from shortcut_ray.train_step import TrainState
+        payload.update(trainer_and_loop(args, cfg, shard, x, y, info, device, pipe))
+    import ray
 
-        # 2. the trainer alone, on one batch of the same pipeline
-        state = TrainState.create(cfg, device)
-        t = timed(lambda: state.step_on(x, y), warmup=2, repeats=train_steps, sync=device)
-        trainer_ips = batch / median(t)
-        print(f"  trainer alone: {median(t):.3f}s/step = {trainer_ips:.1f} img/s", flush=True)
-
-        # 3. both, as worker.Runner.run: next() timed as wait, no per-step sync
-        loop_steps = args.loop_steps or max(20, 2 * (info["count"] // batch))
-        waits, steps_done, epochs_started = [], 0, 0
-        t_start = time.perf_counter()
-        stream = data.EpochStream(shard, batch, cfg.data, device)  # what Runner.run reads from
-        while steps_done < loop_steps:
-            epochs_started += 1
-            while steps_done < loop_steps:
-                t0 = time.perf_counter()
-                b = stream.next()
-                waits.append(time.perf_counter() - t0)
-                if b is None:
-                    break
-                state.step_on(*b)
-                steps_done += 1
-        if gpu:
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - t_start
-        stream.close()
-        del stream
-        wait = sum(waits)
-        payload["trainer"] = {"step_time_s": stats(t), "images_per_s": trainer_ips}
-        # The epoch rate (start-up included) is what a trainer sees; the rate after the first batch can be far
-        # higher when the pipeline delivers an epoch in a few big blocks (then it only measures the iterator).
-        payload["headroom_pipeline_over_trainer"] = pipe["rows_per_s_incl_startup_median"] / trainer_ips
-        payload["headroom_after_first_batch"] = pipe["steady_rows_per_s_median"] / trainer_ips
-        payload["loop"] = {"steps": steps_done, "epochs_started": epochs_started, "wall_s": wall,
-                           "images_per_s": steps_done * batch / wall, "data_wait_s": wait,
-                           "data_wait_frac": wait / wall, "wait_per_next_s": stats(waits),
-                           "waits_over_100ms": sum(w > 0.1 for w in waits)}
-        print(f"  combined loop: {steps_done} steps, {steps_done * batch / wall:.1f} img/s, data wait "
-              f"{wait:.2f}s of {wall:.1f}s = {wait / wall:.1%}; "
-              f"headroom {payload['headroom_pipeline_over_trainer']:.1f}x "
-              f"(epoch rate incl. start-up), {payload['headroom_after_first_batch']:.1f}x (after the first batch)",
-              flush=True)
     ray.shutdown()
     name = args.out or (f"data_throughput_{device_tag(device)}" + (f"_{args.preset}" if args.tag_preset else "")
                         + ("_materialized" if args.materialize else ""))

@@ -5,55 +5,35 @@ train images, through exactly the pipeline of ALGORITHM §5 (shortcut_ray.fid: [
 bilinear 299 px without antialias, clip, InceptionV3 pool3, unbiased covariance, offset 1e-6 inside
 sqrtm). A generator cannot be expected to beat this number at the same sample count.
 
-    python bench/fid_reference.py                       # 10k test vs 10k seeded-random train
-    python bench/fid_reference.py --n 5000              # what fits ~30 min on 2 shared CPU cores
-    nice -n 10 nohup python bench/fid_reference.py --n 5000 > /tmp/fid_reference.log 2>&1 &
+    python -m bench.fid_reference --fid-weights W.pt --data DIR    # 10k test vs 10k seeded-random train
+    python -m bench.fid_reference --n 5000                        # what fits ~30 min on 2 shared CPU cores
+    python -m bench.fid_reference --n 100 --out fid_reference_smoke   # smoke, a minute
+Weights: --fid-weights or $SHORTCUT_FID_WEIGHTS; data: --data or $SHORTCUT_FASHION_MNIST (the folder of
+the IDX files, read with the project's `shards.read_idx`), else Debian's /usr/share/datasets/fashion-mnist.
 
-Writes bench/results/fid_reference.json: fid_test_vs_train, n_test, n_train, images_per_s (median
-over batches after 2 warm-up batches, preprocessing included), seconds, torch_threads, device,
-torch, date, command, weights, weights_id, input_range (and note). Test images are the first n of
+Writes bench/results/fid_reference.json (common.write_result: command, device, versions, date) with
+fid_test_vs_train, n_test, n_train, fid_by_n, images_per_s (median over batches after 2 warm-up
+batches, preprocessing included), seconds, torch_threads, weights, weights_id, input_range (and note);
+partial results (complete: false) are written every --report-every images per side. Test images are the first n of
 t10k; train images a seeded random n of the 60k (--seed).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import gzip
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from shortcut_ray.fid import FeatureStats, frechet_distance, load_inception
+from bench.common import add_out_arg, fashion_mnist_dir, fid_weights, write_result
+from shortcut_ray.fid import FeatureStats, load_inception
+from shortcut_ray.shards import find_idx_pair, read_idx
 
-DEFAULT_WEIGHTS = "/work/shared/weights/fid_inception_v3.pt"
-DATA_DIRS = ["/work/shared/data/fashion-mnist", "/usr/share/datasets/fashion-mnist"]
 TF_RANGE = (-1.0, 0.9921875)
-
-
-def read_idx_images(path: Path) -> np.ndarray:
-    """(N, 28, 28) uint8 from a gzipped IDX3 file (16-byte big-endian header: magic, n, rows, cols)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic, n, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
-    if magic != 2051:
-        raise ValueError(f"{path} is not an IDX3 image file (magic {magic}, expected 2051)")
-    return np.frombuffer(raw[16:], dtype=np.uint8).reshape(int(n), int(rows), int(cols))
-
-
-def find_data(explicit: str | None) -> Path:
-    for d in ([explicit] if explicit else DATA_DIRS):
-        if d and (Path(d) / "t10k-images-idx3-ubyte.gz").exists():
-            return Path(d)
-    raise FileNotFoundError(f"Fashion-MNIST IDX files not found in {explicit or DATA_DIRS}; "
-                            "pass --data DIR (Debian: apt-get install dataset-fashion-mnist)")
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -82,24 +62,13 @@ def extract_pairwise(extractor, test: torch.Tensor, train: torch.Tensor, batch_s
 
 
 def fid_of(f_test: np.ndarray, f_train: np.ndarray) -> float:
-    a, b = FeatureStats.from_features(f_test), FeatureStats.from_features(f_train)
-    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    return FeatureStats.from_features(f_test).frechet_distance(FeatureStats.from_features(f_train))
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs visible)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="FID Inception (TorchScript or pytorch-fid .pth)")
-    p.add_argument("--data", default=None, help=f"dir with the IDX .gz files (default: first of {DATA_DIRS})")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fid-weights", default=None, help="FID Inception (TorchScript or pytorch-fid .pth; path or URI)")
+    p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (gzipped or not)")
     p.add_argument("--n", type=int, default=10_000, help="images per side (test: first n; train: random n)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0, help="seed of the random train subset")
@@ -107,79 +76,58 @@ def main() -> None:
     p.add_argument("--report-every", type=int, default=1000,
                    help="write a partial JSON (FID at the first k per side) every k images")
     p.add_argument("--note", default="", help="free text recorded in the JSON")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "fid_reference.json"))
-    args = p.parse_args()
+    add_out_arg(p, "fid_reference")
+    return p.parse_args(argv)
 
-    data = find_data(args.data)
-    test = read_idx_images(data / "t10k-images-idx3-ubyte.gz")
-    train = read_idx_images(data / "train-images-idx3-ubyte.gz")
+
+def load_sets(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n test images and a seeded random n of the train images, in [-1, 1]."""
+    src = fashion_mnist_dir(args.data)
+    test, train = (read_idx(find_idx_pair(src, split)[0]) for split in ("test", "train"))
     if not 2 <= args.n <= len(test):
         raise SystemExit(f"--n must be in [2, {len(test)}], got {args.n}")
-    test = test[: args.n]
     # A random permutation's prefix: every partial result also uses a random train subset.
     train = train[np.random.default_rng(args.seed).permutation(len(train))[: args.n]]
+    return to_model_range(test[: args.n]), to_model_range(train)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    weights = fid_weights(args.fid_weights)
+    test, train = load_sets(args)
     input_range = TF_RANGE if args.tf_range else (-1.0, 1.0)
-    extractor = load_inception(args.weights, device="cpu", batch_size=args.batch_size,
-                               input_range=input_range)
+    extractor = load_inception(weights, device="cpu", batch_size=args.batch_size, input_range=input_range)
     print(f"weights {extractor.weights_id}, input range {input_range}, torch threads "
-          f"{torch.get_num_threads()}, {args.n} test + {args.n} train images from {data}", flush=True)
-
-    out = Path(args.out)
-    loadavg_at_start = [round(v, 2) for v in os.getloadavg()]
+          f"{torch.get_num_threads()}, {args.n} test + {args.n} train images", flush=True)
     fid_by_n: dict[str, float] = {}
+    t0, load_start = time.perf_counter(), [round(v, 2) for v in os.getloadavg()]
 
     def summarize(k: int, f_test, f_train, times: list, complete: bool) -> dict:
-        fid = fid_of(f_test, f_train)
-        fid_by_n[str(k)] = round(fid, 4)
-        # Throughput: median over full batches after 2 warm-up batches (preprocessing included).
+        fid_by_n[str(k)] = round(fid_of(f_test, f_train), 4)
         full = [t for t, b in times[2:] if b == args.batch_size] or [t for t, _ in times]
-        result = {
-            "fid_test_vs_train": round(fid, 4),
-            "n_test": k, "n_train": k,
-            "complete": complete,  # False: a partial result of a run still going (or stopped)
-            "n_target": int(args.n),
-            "fid_by_n": dict(fid_by_n),
-            "test_subset": "first n of t10k",
-            "train_subset": f"first n of numpy default_rng({args.seed}).permutation(60000)",
-            "images_per_s": round(args.batch_size / statistics.median(full), 2),
-            "batch_size": args.batch_size,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_at_start": loadavg_at_start,  # the machine is shared: context for images_per_s
-            "loadavg_now": [round(v, 2) for v in os.getloadavg()],
-            "device": cpu_model(),
-            "torch": torch.__version__,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python"] + sys.argv),
-            "weights": args.weights, "weights_id": extractor.weights_id,
-            "input_range": list(input_range),
-            "pipeline": "ALGORITHM §5: [-1,1] -> bilinear 299 no antialias -> clip -> pool3; "
-                        "np.cov; 1e-6 inside sqrtm",
-        }
-        if args.note:
-            result["note"] = args.note
-        write(out, result)
+        result = {"fid_test_vs_train": fid_by_n[str(k)], "n_test": k, "n_train": k,
+                  "complete": complete,  # False: a partial result of a run still going (or stopped)
+                  "n_target": int(args.n), "fid_by_n": dict(fid_by_n), "test_subset": "first n of t10k",
+                  "train_subset": f"first n of numpy default_rng({args.seed}).permutation(60000)",
+                  "images_per_s": round(args.batch_size / statistics.median(full), 2),
+                  "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 1),
+                  "torch_threads": torch.get_num_threads(), "loadavg_at_start": load_start,
+                  "weights": weights, "weights_id": extractor.weights_id, "input_range": list(input_range),
+                  "pipeline": "ALGORITHM §5: [-1,1] -> bilinear 299 no antialias -> clip -> pool3; "
+                              "np.cov; 1e-6 inside sqrtm", **({"note": args.note} if args.note else {})}
+        write_result(args.out or "fid_reference", result, device=torch.device("cpu"), quiet=not complete)
         return result
 
     def on_report(k, f_test, f_train, times):  # partial result, overwritten by later ones
         r = summarize(k, f_test, f_train, times, complete=False)
-        print(f"  partial: FID(test {k} vs train {k}) = {r['fid_test_vs_train']}, "
-              f"{r['images_per_s']} img/s; wrote {out}", flush=True)
+        print(f"  partial: FID(test {k} vs train {k}) = {r['fid_test_vs_train']}, {r['images_per_s']} img/s",
+              flush=True)
 
-    t0 = time.perf_counter()
-    f_test, f_train, times = extract_pairwise(extractor, to_model_range(test), to_model_range(train),
-                                              args.batch_size, args.report_every, on_report)
-    print(json.dumps(summarize(args.n, f_test, f_train, times, complete=True), indent=2))
-    print(f"wrote {out}")
-
-
-def write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    f_test, f_train, times = extract_pairwise(extractor, test, train, args.batch_size, args.report_every, on_report)
+    r = summarize(args.n, f_test, f_train, times, complete=True)
+    print(f"FID(test {args.n} vs train {args.n}) = {r['fid_test_vs_train']}, {r['images_per_s']} img/s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

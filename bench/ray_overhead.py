@@ -1,8 +1,8 @@
 """Step time of the Ray Train + Ray Data path against a plain single-process PyTorch loop.
 
-    python bench/ray_overhead.py --threads 1 --sequence a,b1,a,b1,a        # CPU here: ~10-14 min (load-bound)
-    python bench/ray_overhead.py --threads 1 --sequence a,b1,b2,a          # with 2 FSDP2 workers (gloo)
-    python bench/ray_overhead.py --device cuda --steps 300 --log-every 20 --threads 4   # on a GPU node
+    python -m bench.ray_overhead --threads 1 --sequence a,b1,a,b1,a        # CPU here: ~10-14 min (load-bound)
+    python -m bench.ray_overhead --threads 1 --sequence a,b1,b2,a          # with 2 FSDP2 workers (gloo)
+    python -m bench.ray_overhead --device cuda --steps 300 --log-every 20 --threads 4   # on a GPU node
 
 Same config (default preset `digits`: DiT-M/2 on 16x16 digits, global batch 64, shortcut), same torch
 thread count, same step count, measured the same way (per log interval of --log-every steps:
@@ -29,39 +29,17 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, resolve_device, set_threads, write_result  # noqa: E402
-
-from shortcut_ray import data  # noqa: E402
-from shortcut_ray import shards  # noqa: E402
-from shortcut_ray.config import apply_overrides  # noqa: E402
-from shortcut_ray.presets import PRESETS, get_preset  # noqa: E402
-from shortcut_ray.train_step import TrainState  # noqa: E402
+from bench.common import (add_config_args, add_device_args, add_out_arg, add_ray_args, median, resolve_device,
+                          set_threads, shard_images, write_result)
+from shortcut_ray import data
+from shortcut_ray.config import apply_overrides
+from shortcut_ray.presets import get_preset
+from shortcut_ray.train_step import TrainState
 
 EXPERIMENT = "bench-ray-overhead"
-
-
-def load_tensors(cfg, uri: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All rows of the shards, decoded once with the pipeline's own `decode_batch`: (N, C, H, W), (N,)."""
-    import pyarrow.parquet as pq
-
-    fs, root = shards.filesystem(uri)
-    info = shards.dataset_info(uri)
-    xs, ys = [], []
-    for s in info["shards"]:
-        with fs.open(f"{root}/{s['file']}", "rb") as f:
-            table = pq.read_table(f).to_pydict()
-        out = data.decode_batch({"image": table["image"], "label": np.asarray(table["label"])}, kind=cfg.data.kind,
-                                channels=cfg.data.channels, image_size=cfg.data.image_size, random_flip=False,
-                                latent_scale=cfg.data.latent_scale, latent_shape=info.get("latent_shape"))
-        xs.append(torch.from_numpy(out["image"]))
-        ys.append(torch.from_numpy(out["label"]))
-    return torch.cat(xs), torch.cat(ys)
 
 
 def plain_loop(cfg, x_all: torch.Tensor, y_all: torch.Tensor, device: torch.device) -> dict:
@@ -154,54 +132,35 @@ def breakdown(runs: list[dict], kind: str, skip: int, log_every: int) -> dict:
             "fit_s": [r.get("fit_s") for r in fits], "logged_span_s": [r.get("logged_span_s") for r in fits]}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", help=f"one of {', '.join(sorted(PRESETS))}")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: train.use_gpu=true for the Ray runs)")
+    add_config_args(p)
+    add_device_args(p, device_default="cpu")  # cuda: train.use_gpu=true for the Ray runs
+    add_ray_args(p)
+    add_out_arg(p, "ray_overhead")
     p.add_argument("--steps", type=int, default=60, help="train.max_steps of every run")
     p.add_argument("--log-every", type=int, default=5, help="train.log_every: the interval of one step-time sample")
     p.add_argument("--skip-intervals", type=int, default=2, help="start-up intervals dropped from every run")
     p.add_argument("--sequence", default="a,b1,a", help="runs in order: a = plain loop, bN = Ray with N workers")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the plain loop AND of every Ray "
-                   "worker ($SHORTCUT_RAY_THREADS); 1 is fastest on a small shared machine")
-    p.add_argument("--ray-cpus", type=int, default=None, help="ray.init(num_cpus=...) (default: all cores)")
-    p.add_argument("--worker-niceness", type=int, default=0,
-                   help="$RAY_worker_niceness of the local cluster (Ray's default is 15, which on a busy shared host "
-                        "starves the Ray workers against this nice-0 process; 0 gives both paths the same priority)")
-    p.add_argument("--out", default="ray_overhead", help="results name")
+    # --threads: torch threads of the plain loop AND of every Ray worker ($SHORTCUT_RAY_THREADS); 1 is
+    # fastest on a small shared machine
+    p.set_defaults(threads=1, out="ray_overhead")
     args = p.parse_args(argv)
-
-    device = resolve_device(args.device)
-    seq = [s.strip() for s in args.sequence.split(",") if s.strip()]
-    for s in seq:
+    args.seq = [s.strip() for s in args.sequence.split(",") if s.strip()]
+    for s in args.seq:
         if not (s == "a" or (s.startswith("b") and s[1:].isdigit())):
             p.error(f"bad --sequence item {s!r}: use a, b1, b2, ...")
-    threads = set_threads(args.threads)
-    os.environ["SHORTCUT_RAY_THREADS"] = str(threads)  # inherited by the Ray workers of the local cluster
-    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet that ray.init starts
-    cfg = apply_overrides(get_preset(args.preset), [
-        f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.sample_every=0",
-        "train.checkpoint_every=0", "train.eval_every=0", f"train.use_gpu={device.type == 'cuda'}", *args.set])
+    return args
 
-    import ray
 
-    ray.init(num_cpus=args.ray_cpus or os.cpu_count())
-    uri = data.resolve_dataset(cfg.data)
-    x_all, y_all = load_tensors(cfg, uri)
-    rows_per_epoch = len(x_all)
-    print(f"preset {args.preset}: {rows_per_epoch} rows, batch {cfg.train.global_batch} "
-          f"({rows_per_epoch // cfg.train.global_batch} steps/epoch), {args.steps} steps, log every {args.log_every}, "
-          f"threads {threads}, sequence {seq}", flush=True)
+def run_sequence(args, cfg, x_all, y_all, device) -> list[dict]:
+    """The runs of --sequence in order, each with its per-interval summary."""
     tmp = tempfile.mkdtemp(prefix="bench-ray-overhead-")
     runs = []
-    t0 = time.perf_counter()
-    for i, what in enumerate(seq):
+    for i, what in enumerate(args.seq):
         t = time.perf_counter()
-        if what == "a":
-            res = plain_loop(cfg, x_all, y_all, device)
-        else:
-            res = ray_run(cfg, int(what[1:]), tmp, f"overhead-{i}-{what}")
+        res = plain_loop(cfg, x_all, y_all, device) if what == "a" else \
+            ray_run(cfg, int(what[1:]), tmp, f"overhead-{i}-{what}")
         res = {"run": what, "index": i, **res, "summary": summarise(res, args.skip_intervals),
                "seconds": time.perf_counter() - t}
         runs.append(res)
@@ -210,54 +169,74 @@ def main(argv=None) -> int:
               + (f", wall median {s.get('wall_step_time_median_s', float('nan')):.4f}s, data wait "
                  f"{s['data_wait_frac_median']:.1%} median / {s['data_wait_frac_mean']:.1%} mean"
                  if "data_wait_frac_median" in s else "") + f"  ({res['seconds']:.0f}s)", flush=True)
-    ray.shutdown()
+    return runs
 
-    def pooled(kind: str, key: str = "step_time_s") -> float | None:
-        vals = [iv[key] for r in runs if r["run"] == kind for iv in r["intervals"][args.skip_intervals:]
-                if iv.get(key) is not None]
-        return median(vals) if vals else None
 
-    def pooled_mean(kind: str, key: str = "step_time_s") -> float | None:
-        vals = [iv[key] for r in runs if r["run"] == kind for iv in r["intervals"][args.skip_intervals:]
-                if iv.get(key) is not None]
-        return statistics.fmean(vals) if vals else None
+def ratios_of(runs: list[dict], skip: int) -> dict:
+    """Per Ray kind (b1, b2, ...): pooled medians / means of its kept intervals over those of the plain runs."""
+    def pooled(kind: str, key: str = "step_time_s", agg=median) -> float | None:
+        vals = [iv[key] for r in runs if r["run"] == kind for iv in r["intervals"][skip:] if iv.get(key) is not None]
+        return agg(vals) if vals else None
 
-    a_med, a_mean = pooled("a"), pooled_mean("a")
+    a_med, a_mean = pooled("a"), pooled("a", agg=statistics.fmean)
     ratios = {}
     for kind in sorted({r["run"] for r in runs if r["run"] != "a"}):
-        ratios[kind] = {
+        ratios[kind] = r = {
             "ratio_median": pooled(kind) / a_med,
-            "ratio_mean": pooled_mean(kind) / a_mean,
+            "ratio_mean": pooled(kind, agg=statistics.fmean) / a_mean,
             "ratio_wall_median": (pooled(kind, "wall_step_time_s") or float("nan")) / a_med,
-            "ratio_wall_mean": (pooled_mean(kind, "wall_step_time_s") or float("nan")) / a_mean,
+            "ratio_wall_mean": (pooled(kind, "wall_step_time_s", statistics.fmean) or float("nan")) / a_mean,
             "step_time_median_s": pooled(kind), "plain_step_time_median_s": a_med,
             "data_wait_frac_median": pooled(kind, "data_wait_frac"),
-            "data_wait_frac_mean": pooled_mean(kind, "data_wait_frac")}
-        r = ratios[kind]
+            "data_wait_frac_mean": pooled(kind, "data_wait_frac", statistics.fmean)}
         print(f"{kind}: ratio {r['ratio_median']:.3f} (median), {r['ratio_mean']:.3f} (mean), wall-clock "
               f"{r['ratio_wall_median']:.3f} (median), {r['ratio_wall_mean']:.3f} (mean); goal <= 1.10", flush=True)
+    return ratios
+
+
+DEFINITIONS = {
+    "step_time_s": "per log interval: elapsed / steps (a: with the loss host sync inside the interval; "
+                   "b: the worker's perf/step_time_s, whose interval stops before its _log)",
+    "wall_step_time_s": "b only: difference of consecutive MLflow timestamps of train/loss / steps, i.e. "
+                        "including metric logging and everything else between two logs",
+    "ratio_median": "pooled median over the kept intervals of all bN runs / the same for all a runs",
+    "ratio_mean": "the same with means (includes the epoch-restart spikes the median hides)"}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    threads = set_threads(args.threads)
+    os.environ["SHORTCUT_RAY_THREADS"] = str(threads)  # inherited by the Ray workers of the local cluster
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet that ray.init starts
+    cfg = apply_overrides(get_preset(args.preset), [
+        f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.sample_every=0",
+        "train.checkpoint_every=0", "train.eval_every=0", f"train.use_gpu={device.type == 'cuda'}", *args.set])
+    import ray
+
+    ray.init(num_cpus=args.ray_cpus or os.cpu_count())
+    x_all, y_all = shard_images(data.resolve_dataset(cfg.data), cfg.data)
+    rows, batch = len(x_all), cfg.train.global_batch
+    print(f"preset {args.preset}: {rows} rows, batch {batch} ({rows // batch} steps/epoch), {args.steps} steps, "
+          f"log every {args.log_every}, threads {threads}, sequence {args.seq}", flush=True)
+    t0 = time.perf_counter()
+    runs = run_sequence(args, cfg, x_all, y_all, device)
+    ray.shutdown()
+    ratios = ratios_of(runs, args.skip_intervals)
     b1 = ratios.get("b1") or next(iter(ratios.values()), None)
     payload = {
         "what": "median per-interval step time of the Ray Train + Ray Data path (bN: N workers) / the same "
                 "config in a plain single-process loop (a); same threads, steps and measurement",
-        "goal": "ratio <= 1.10",
-        "ratio": b1["ratio_median"] if b1 else None,
+        "goal": "ratio <= 1.10", "ratio": b1["ratio_median"] if b1 else None,
         "settings": {"preset": args.preset, "overrides": args.set, "steps": args.steps, "log_every": args.log_every,
-                     "skip_intervals": args.skip_intervals, "sequence": seq, "torch_threads": threads,
-                     "ray_cpus": args.ray_cpus or os.cpu_count(), "global_batch": cfg.train.global_batch,
+                     "skip_intervals": args.skip_intervals, "sequence": args.seq, "torch_threads": threads,
+                     "ray_cpus": args.ray_cpus or os.cpu_count(), "global_batch": batch,
                      "ray_worker_niceness": args.worker_niceness, "driver_niceness": os.nice(0),
-                     "rows_per_epoch": rows_per_epoch, "steps_per_epoch": rows_per_epoch // cfg.train.global_batch,
+                     "rows_per_epoch": rows, "steps_per_epoch": rows // batch,
                      "cpus_per_worker": cfg.train.cpus_per_worker,
                      "model": f"h{cfg.model.hidden_size}-d{cfg.model.depth}-p{cfg.model.patch_size}",
                      "train_type": cfg.objective.train_type, "image_size": cfg.data.image_size},
-        "definitions": {
-            "step_time_s": "per log interval: elapsed / steps (a: with the loss host sync inside the interval; "
-                           "b: the worker's perf/step_time_s, whose interval stops before its _log)",
-            "wall_step_time_s": "b only: difference of consecutive MLflow timestamps of train/loss / steps, i.e. "
-                                "including metric logging and everything else between two logs",
-            "ratio_median": "pooled median over the kept intervals of all bN runs / the same for all a runs",
-            "ratio_mean": "the same with means (includes the epoch-restart spikes the median hides)"},
-        "ratios": ratios,
+        "definitions": DEFINITIONS, "ratios": ratios,
         "breakdown": {k: breakdown(runs, k, args.skip_intervals, args.log_every) for k in ratios},
         "runs": runs, "total_s": time.perf_counter() - t0}
     write_result(args.out, payload, device)

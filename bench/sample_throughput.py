@@ -1,8 +1,8 @@
 """Sampling throughput at N = 1, 2, 4, ..., 128 steps, and the 128-step / 1-step time ratio.
 
-    python bench/sample_throughput.py --device cuda --precision bf16 --compile --size DiT-B/2 --batch 256
-    python bench/sample_throughput.py --device cuda --precision bf16 --compile --size DiT-XL/2 --batch 256
-    python bench/sample_throughput.py --device cpu --size DiT-M/2 --image-size 16 --channels 1 \
+    python -m bench.sample_throughput --device cuda --precision bf16 --compile --size DiT-B/2 --batch 256
+    python -m bench.sample_throughput --device cuda --precision bf16 --compile --size DiT-XL/2 --batch 256
+    python -m bench.sample_throughput --device cpu --size DiT-M/2 --image-size 16 --channels 1 \
         --num-classes 10 --batch 16 --repeats 3 --threads 1            # the `digits` model, minutes on CPU
 
 Times `shortcut_ray.sampler.sample(model, noise, y, N)` (the project's any-step Euler sampler) on an
@@ -21,18 +21,17 @@ import argparse
 import contextlib
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_tag, resolve_device, set_threads, stats, synchronizer, write_result  # noqa: E402
+from bench.common import (add_device_args, add_out_arg, add_precision_args, device_tag, resolve_device, set_threads,
+                          stats, synchronizer, write_result)
 
-from shortcut_ray.config import Config, DataConfig, TrackingConfig, TrainConfig  # noqa: E402
-from shortcut_ray.distributed import parallelize, resolve_precision  # noqa: E402
-from shortcut_ray.model import DIT_SIZES, build_model, flops_per_forward, model_config  # noqa: E402
-from shortcut_ray.sampler import fixed_noise, sample  # noqa: E402
+from shortcut_ray.config import Config, DataConfig, TrackingConfig, TrainConfig
+from shortcut_ray.distributed import parallelize, resolve_precision
+from shortcut_ray.model import DIT_SIZES, build_model, flops_per_forward, model_config
+from shortcut_ray.sampler import fixed_noise, sample
 
 
 def build(args, device: torch.device) -> tuple[nn.Module, Config]:
@@ -55,9 +54,10 @@ def build(args, device: torch.device) -> tuple[nn.Module, Config]:
     return model, cfg
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_device_args(p)
+    add_precision_args(p)
     p.add_argument("--size", default="DiT-B/2", help=f"model size, one of {','.join(DIT_SIZES)}")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=4)
@@ -66,14 +66,35 @@ def main(argv=None) -> int:
     p.add_argument("--steps-list", default="1,2,4,8,16,32,64,128", help="step counts N to time")
     p.add_argument("--warmup", type=int, default=1, help="untimed sweeps over all N first (compile: use 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed sweeps over all N (default 5 GPU, 3 CPU)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--compile", action="store_true", help="torch.compile every DiT block (as train.compile)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance w (1: one conditional pass per step)")
     p.add_argument("--init-std", type=float, default=0.02, help="std of the re-initialised final layer")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, help="results name (default sample_throughput_<device tag>)")
-    args = p.parse_args(argv)
+    add_out_arg(p, "sample_throughput_<device tag>")
+    return p.parse_args(argv)
 
+
+def sweeps(call, steps_list: list[int], warmup: int, repeats: int, barrier) -> tuple[dict, bool]:
+    """Seconds of call(N) for every N, `repeats` sweeps after `warmup` untimed ones, alternating the
+    direction (all N see the same machine conditions); and whether every output was finite."""
+    for _ in range(warmup):
+        for n in steps_list:
+            call(n)
+    barrier()
+    times: dict[int, list[float]] = {n: [] for n in steps_list}
+    finite = True
+    for r in range(repeats):
+        for n in (steps_list if r % 2 == 0 else steps_list[::-1]):
+            barrier()
+            t = time.perf_counter()
+            x = call(n)
+            barrier()
+            times[n].append(time.perf_counter() - t)
+            finite = finite and bool(torch.isfinite(x).all())
+        print(f"  sweep {r + 1}/{repeats}: " + ", ".join(f"N{n} {times[n][-1]:.3f}s" for n in steps_list), flush=True)
+    return times, finite
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     threads = set_threads(args.threads)
@@ -98,21 +119,7 @@ def main(argv=None) -> int:
             return sample(model, noise, y, n, args.cfg_scale, args.num_classes, cfg.objective.denoise_timesteps)
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        for n in steps_list:
-            call(n)
-    barrier()
-    times: dict[int, list[float]] = {n: [] for n in steps_list}
-    finite = True
-    for r in range(repeats):
-        for n in (steps_list if r % 2 == 0 else steps_list[::-1]):
-            barrier()
-            t = time.perf_counter()
-            x = call(n)
-            barrier()
-            times[n].append(time.perf_counter() - t)
-            finite = finite and bool(torch.isfinite(x).all())
-        print(f"  sweep {r + 1}/{repeats}: " + ", ".join(f"N{n} {times[n][-1]:.3f}s" for n in steps_list), flush=True)
+    times, finite = sweeps(call, steps_list, args.warmup, repeats, barrier)
 
     passes = 1 if args.cfg_scale in (0.0, 1.0) else 2  # guided sampling batches cond + uncond rows
     fwd = flops_per_forward(cfg.model, args.image_size, args.channels)

@@ -5,10 +5,10 @@ Trains the same small MLP velocity network twice, once with `train_type='shortcu
 every target and `shortcut_ray.sampler.sample` for every sample, then evaluates the EMA weights at
 N = 1, 2, 4, 8, 128 from one fixed noise batch and checks the §9.2 pass criteria.
 
-    python bench/toy2d.py                       # 8k steps, EMA 0.99 (the §9.2 CI calibration), ~minutes
-    python bench/toy2d.py --steps 20000 --ema 0.999
+    python -m bench.toy2d                       # 8k steps, EMA 0.99 (the §9.2 CI calibration), ~minutes
+    python -m bench.toy2d --steps 20000 --ema 0.999
 
-Writes bench/results/toy2d.json (see `main`). Importable: `make_data`, `MLPVelocity`, `train`, `evaluate`.
+Writes bench/results/toy2d.json (common.write_result: command, device, versions, date; see `summarise`). Importable: `make_data`, `MLPVelocity`, `train`, `evaluate`.
 
 Metric definitions (all on 8,192 samples from the same fixed noise for every N):
   on_mode       share of samples within 0.3 (= 3 sigma) of the nearest centre;
@@ -23,18 +23,14 @@ Metric definitions (all on 8,192 samples from the same fixed noise for every N):
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.common import add_out_arg, write_result
 from shortcut_ray.config import ObjectiveConfig
 from shortcut_ray.ema import make_ema, update_ema
 from shortcut_ray.model import timestep_features
@@ -51,7 +47,7 @@ NUM_PROJECTIONS = 64
 NOISE_SEED = 42  # fixed evaluation noise, the same for every N and both runs
 DATA_SEED = 1234  # the fresh reference data for SW1
 PROJ_SEED = 99
-RESULTS = Path(__file__).resolve().parent / "results" / "toy2d.json"
+RUNS = ("shortcut", "flow_matching")
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -252,8 +248,22 @@ def _run_job(train_type: str, kwargs: dict, threads: int) -> tuple[dict, dict, f
     return hist, ev, seconds
 
 
+def summarise(done: dict, tail: int) -> dict:
+    """The results dict (per-N metrics of both runs, same-noise gaps, final losses, §9.2 criteria)."""
+    res: dict = {run: done[run][1]["per_n"] for run in RUNS}
+    for key in ("same_noise_gap", "self_consistency_residual"):
+        res[key] = {run: done[run][1][key] for run in RUNS}
+    hist = done["shortcut"][0]
+    tail = min(tail, len(hist["loss_flow"]))
+    res["loss_bootstrap"] = sum(hist["loss_bootstrap"][-tail:]) / tail
+    res["loss_flow"] = sum(hist["loss_flow"][-tail:]) / tail
+    res["criteria"] = criteria(res)
+    res["passed"] = all(res["criteria"].values())
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--seed", type=int, default=0)
@@ -264,50 +274,27 @@ def main(argv: list[str] | None = None) -> int:
                         "two processes with --threads // 2 each (more robust on a busy shared CPU)")
     p.add_argument("--tail", type=int, default=200, help="steps averaged for the final losses")
     p.add_argument("--log-every", type=int, default=1000)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    add_out_arg(p, "toy2d")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python bench/toy2d.py " + " ".join(sys.argv[1:] if argv is None else argv)
-
     start = time.perf_counter()
-    runs = ("shortcut", "flow_matching")
     kwargs = dict(steps=args.steps, ema_decay=args.ema, seed=args.seed, batch=args.batch, log_every=args.log_every)
     if args.sequential:
-        done = {run: _run_job(run, kwargs, args.threads) for run in runs}
+        done = {run: _run_job(run, kwargs, args.threads) for run in RUNS}
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        per_job = max(1, args.threads // len(runs))
-        with cf.ProcessPoolExecutor(len(runs), mp_context=mp.get_context("spawn")) as pool:
-            futs = {run: pool.submit(_run_job, run, kwargs, per_job) for run in runs}
+        with cf.ProcessPoolExecutor(len(RUNS), mp_context=mp.get_context("spawn")) as pool:
+            futs = {run: pool.submit(_run_job, run, kwargs, max(1, args.threads // len(RUNS))) for run in RUNS}
             done = {run: fut.result() for run, fut in futs.items()}
-    res: dict = {}
-    metrics: dict[str, dict] = {}
-    for run in runs:
-        hist, ev, secs = done[run]
-        res[run] = ev["per_n"]
-        metrics[run] = {"hist": hist, "eval": ev}
-        print(f"{run}: trained in {secs:.0f}s")
-    res["same_noise_gap"] = {r: metrics[r]["eval"]["same_noise_gap"] for r in ("shortcut", "flow_matching")}
-    res["self_consistency_residual"] = {r: metrics[r]["eval"]["self_consistency_residual"]
-                                        for r in ("shortcut", "flow_matching")}
-    hist = metrics["shortcut"]["hist"]
-    tail = min(args.tail, len(hist["loss_flow"]))
-    res["loss_bootstrap"] = sum(hist["loss_bootstrap"][-tail:]) / tail
-    res["loss_flow"] = sum(hist["loss_flow"][-tail:]) / tail
-    res["criteria"] = criteria(res)
-    res["passed"] = all(res["criteria"].values())
-    res["command"] = command.strip()
+    for run in RUNS:
+        print(f"{run}: trained in {done[run][2]:.0f}s")
+    res = summarise(done, args.tail)
     res["seconds"] = round(time.perf_counter() - start, 1)
-    mode = "sequential" if args.sequential else f"2 runs in parallel, {max(1, args.threads // 2)} thread(s) each"
-    res["device"] = f"cpu ({platform.machine()}, {os.cpu_count()} cores shared, {mode})"
-    res["torch"] = torch.__version__
-    res["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    res["mode"] = "sequential" if args.sequential else f"2 runs in parallel, {max(1, args.threads // 2)} thread(s) each"
     print(_table(res))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out} in {res['seconds']}s")
+    write_result(args.out or "toy2d", res, device=torch.device("cpu"))
     return 0 if res["passed"] else 1
 
 

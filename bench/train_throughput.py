@@ -1,8 +1,8 @@
 """Training-step throughput, MFU and peak memory: shortcut vs flow matching on the same model and batch.
 
-    python bench/train_throughput.py --device cuda --precision bf16 --compile \
+    python -m bench.train_throughput --device cuda --precision bf16 --compile \
         --sizes DiT-S/2,DiT-B/2,DiT-XL/2 --batch 256                      # on a GPU (H100: ~10 min)
-    python bench/train_throughput.py --device cpu --sizes DiT-S/2 --batch 8 --steps 3 --warmup 1 --threads 1
+    python -m bench.train_throughput --device cpu --sizes DiT-S/2 --batch 8 --steps 3 --warmup 1 --threads 1
 
 For every model size and input shape (32x32x4 SD-VAE latents, 32x32x1 pixels) it builds two
 `TrainState`s that differ only in `objective.train_type` and times `state.step_on(x1, y)` (the whole
@@ -33,16 +33,15 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (device_tag, interleaved, reset_peak, resolve_device, set_threads, stats,  # noqa: E402
-                    tensor_bytes, write_result)
+from bench.common import (add_device_args, add_out_arg, add_precision_args, device_tag, interleaved, reset_peak,
+                          resolve_device, set_threads, stats, tensor_bytes, write_result)
 
-from shortcut_ray.config import (Config, DataConfig, ObjectiveConfig, TrackingConfig,  # noqa: E402
+from shortcut_ray.config import (Config, DataConfig, ObjectiveConfig, TrackingConfig,
                                  TrainConfig)
-from shortcut_ray.distributed import resolve_precision  # noqa: E402
-from shortcut_ray.model import DIT_SIZES, flops_per_forward, model_config  # noqa: E402
-from shortcut_ray.objectives import build_objective  # noqa: E402
-from shortcut_ray.train_step import TrainState  # noqa: E402
+from shortcut_ray.distributed import resolve_precision
+from shortcut_ray.model import DIT_SIZES, flops_per_forward, model_config
+from shortcut_ray.objectives import build_objective
+from shortcut_ray.train_step import TrainState
 
 SHAPES = {  # name -> data config fields (the model input; no dataset is read)
     "latents32x4": dict(image_size=32, channels=4, num_classes=1000, kind="latents"),
@@ -188,12 +187,10 @@ def run_config(size: str, shape: str, batch: int, args, device: torch.device) ->
     return row
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="train.precision (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile every DiT block")
+    add_device_args(p)
+    add_precision_args(p)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--sizes", default=None, help="comma list of model sizes (default: DiT-S/2,DiT-B/2 and "
                    f"DiT-XL/2 on a GPU); known: {','.join(DIT_SIZES)}")
@@ -203,11 +200,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per objective first "
                    "(default 3, or 5 with --compile, on GPU; 1 on CPU)")
     p.add_argument("--bootstrap-every", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-oom-retry", action="store_true", help="on CUDA OOM record it instead of halving the batch")
-    p.add_argument("--out", default=None, help="results name (default train_throughput_<device tag>)")
-    args = p.parse_args(argv)
+    add_out_arg(p, "train_throughput_<device tag>")
+    return p.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     threads = set_threads(args.threads)
@@ -215,7 +214,7 @@ def main(argv=None) -> int:
     shapes = args.shapes.split(",")
     for s in shapes:
         if s not in SHAPES:
-            p.error(f"unknown shape {s!r}; choose from {list(SHAPES)}")
+            raise SystemExit(f"unknown shape {s!r} in --shapes; choose from {list(SHAPES)}")
     args.batch = args.batch or (256 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else ((5 if args.compile else 3) if gpu else 1)
