@@ -24,15 +24,13 @@ from shortcut_ray.config import ConfigError
 
 def _write(out: str, model, ema, cfg, extra: dict) -> str:
     """A local directory (atomically) or an fsspec URI (written locally, then uploaded)."""
-    from shortcut_ray import checkpoint
+    from shortcut_ray import checkpoint, storage
     from shortcut_ray.optim import build_optimizer
 
     optimizer = build_optimizer(model.parameters(), cfg.optim)  # fresh: fine-tuning starts at step 0
-    if "://" not in out or out.startswith("file://"):
-        return checkpoint.save_local_atomic(out.removeprefix("file://"), model, ema, optimizer, 0, cfg, extra=extra)
-    from shortcut_ray.shards import filesystem
-
-    fs, path = filesystem(out)
+    if not storage.is_remote(out):
+        return checkpoint.save_local_atomic(storage.local_path(out), model, ema, optimizer, 0, cfg, extra=extra)
+    fs, path = storage.filesystem(out)
     with tempfile.TemporaryDirectory(prefix="shortcut-import-") as tmp:
         checkpoint.save(tmp, model, ema, optimizer, 0, cfg, extra=extra)
         fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 
-from .config import Config
+from .config import Config, override
 from .storage import pyarrow_filesystem
 from .tracking import resolve_tracking_uri
 
@@ -38,11 +38,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 def resolve_runtime(cfg: Config) -> Config:
     """Fill what must be decided once on the driver: the run name and an absolute tracking URI."""
-    import dataclasses
-
-    train = cfg.train if cfg.train.run_name else dataclasses.replace(cfg.train, run_name=default_run_name(cfg))
-    tracking = dataclasses.replace(cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking))
-    return dataclasses.replace(cfg, train=train, tracking=tracking)
+    return override(cfg, {"train.run_name": cfg.train.run_name or default_run_name(cfg),
+                          "tracking.tracking_uri": resolve_tracking_uri(cfg.tracking)})
 
 
 def build_trainer(cfg: Config, callbacks: list | None = None):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, DataConfig, ModelConfig, apply_overrides
+from .config import Config, ConfigError, ModelConfig, override, parse_overrides
 from .objectives.registry import ALIASES
 
 
@@ -135,7 +135,7 @@ def read_checkpoint(uri: str) -> tuple[dict, dict]:
     """(train_state, file info {uri, file, bytes, sha256}) of an official checkpoint (path or fsspec URI)."""
     import hashlib
 
-    from .shards import filesystem
+    from .storage import filesystem
 
     fs, path = filesystem(uri)
     if not fs.exists(path):
@@ -280,12 +280,12 @@ TRAIN_TYPES = dict(ALIASES)  # official --model.train_type -> ours (others keep 
 
 def _tiny(train_type: str, num_classes: int, conditional: bool) -> Config:
     """The tiny fixtures of tests/data/official: hidden 64, depth 2, 4 heads, patch 2, 8x8x4 inputs."""
-    from .presets import _replace, get_preset
+    from .presets import get_preset
 
-    return _replace(get_preset("debug_cpu"), model=dict(num_heads=4),
-                    data=dict(image_size=8, channels=4, num_classes=num_classes),
-                    objective=dict(train_type=train_type, class_conditional=conditional),
-                    eval=dict(sample_steps=(1, 2, 4, 128), cfg_scale=1.0 if conditional else 0.0))
+    return override(get_preset("debug_cpu"), {
+        "model.num_heads": 4, "data.image_size": 8, "data.channels": 4, "data.num_classes": num_classes,
+        "objective.train_type": train_type, "objective.class_conditional": conditional,
+        "eval.sample_steps": (1, 2, 4, 128), "eval.cfg_scale": 1.0 if conditional else 0.0})
 
 
 def _preset(name: str):
@@ -352,11 +352,12 @@ def import_config(shape: TreeShape, recipe: str = "", *, heads: int = 0, image_s
     base = base or Config(preset="official_import")
     model = ModelConfig(hidden_size=shape.hidden, depth=shape.depth, num_heads=heads, patch_size=shape.patch,
                         mlp_ratio=shape.mlp_ratio)
-    data: DataConfig = dataclasses.replace(base.data, image_size=image_size, channels=shape.channels,
-                                           num_classes=shape.num_classes)
-    objective = dataclasses.replace(base.objective, train_type=train_type, class_conditional=class_conditional,
-                                    bootstrap_cfg=base.objective.bootstrap_cfg and class_conditional)
-    cfg = apply_overrides(dataclasses.replace(base, model=model, data=data, objective=objective), overrides)
+    cfg = override(base, {
+        **{f"model.{k}": v for k, v in dataclasses.asdict(model).items()},
+        "data.image_size": image_size, "data.channels": shape.channels, "data.num_classes": shape.num_classes,
+        "objective.train_type": train_type, "objective.class_conditional": class_conditional,
+        "objective.bootstrap_cfg": base.objective.bootstrap_cfg and class_conditional,
+        **parse_overrides(overrides)})  # the flags' `section.key=value` last
     flat = cfg.flat()
     for key, tree_value in _tree_fields(shape).items():
         if flat[key] != tree_value:

@@ -23,7 +23,7 @@ def preset(fn: Callable[[], Config]) -> Callable[[], Config]:
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return dataclasses.replace(PRESETS[name](), preset=name)
+    return override(PRESETS[name](), {"preset": name})
 
 
 def _model(size: str) -> dict:

@@ -1,7 +1,8 @@
 """The three layers of DESIGN §1, imports pointing one way: maths <- engine <- Ray glue.
 
 maths  (model, objective(s), sampler, ema, optim; config, overrides, presets): neither ray nor mlflow, nor the engine
-engine (train_step, checkpoint, distributed, fid, evaluation, storage, shards): no ray, no mlflow
+engine (train_step, checkpoint, distributed, fid, evaluation, storage, shards, teacher, official): no ray, no
+       mlflow
 glue   (everything else: data, worker, launch, tune, tracking, jobs, ...): only tracking.py imports mlflow
 
 Checked twice: an AST scan of every import statement (also the lazy ones inside functions, which a
@@ -20,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MATHS = {"model", "objective", "objectives", "sampler", "ema", "optim", "config", "overrides", "presets"}
-ENGINE = {"train_step", "checkpoint", "distributed", "fid", "evaluation", "storage", "shards"}
+ENGINE = {"train_step", "checkpoint", "distributed", "fid", "evaluation", "storage", "shards", "teacher", "official"}
 
 
 def _modules() -> dict[str, Path]:
