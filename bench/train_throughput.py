@@ -36,7 +36,7 @@ import torch
 from bench.common import (add_device_args, add_out_arg, add_precision_args, device_tag, interleaved, reset_peak,
                           resolve_device, set_threads, stats, tensor_bytes, write_result)
 
-from shortcut_ray.config import (Config, DataConfig, ObjectiveConfig, TrackingConfig,
+from shortcut_ray.config import (Config, DataConfig, ObjectiveConfig, TrackingConfig, override,
                                  TrainConfig)
 from shortcut_ray.distributed import resolve_precision
 from shortcut_ray.model import DIT_SIZES, flops_per_forward, model_config
@@ -70,9 +70,7 @@ def make_config(size: str, shape: str, batch: int, args, use_gpu: bool) -> Confi
 
 
 def make_state(cfg: Config, train_type: str, batch: int, device: torch.device) -> TrainState:
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, train_type=train_type))
+    cfg = override(cfg, {"objective.train_type": train_type})
     st = TrainState.create(cfg, device)
     if batch != cfg.train.global_batch:  # timing-only layout for a batch the config would refuse
         st.objective = build_objective(cfg.objective, cfg.data.num_classes, batch)

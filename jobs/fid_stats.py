@@ -12,10 +12,9 @@ same resize/clip/network as the generated samples (ALGORITHM §5). Raw images, n
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from shortcut_ray.config import apply_overrides
+from shortcut_ray.config import apply_overrides, override
 from shortcut_ray.presets import get_preset
 
 
@@ -38,7 +37,7 @@ def main(argv=None) -> int:
     cfg = apply_overrides(get_preset(args.preset), args.set)
     if cfg.data.kind != "pixels":
         p.exit(2, "error: reference statistics are computed on images; point --set data.uri at the pixel shards\n")
-    dcfg = dataclasses.replace(cfg.data, random_flip=False)
+    dcfg = override(cfg, {"data.random_flip": False}).data
     uri = data.resolve_dataset(dcfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = load_inception(args.fid_weights or None, device=device)
