@@ -21,15 +21,20 @@ from shortcut_ray.presets import PRESETS, get_preset
 
 
 def parse_config(argv=None, description=__doc__):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from shortcut_ray.cli import config_reference
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=config_reference())
     p.add_argument("--preset", default="digits", help=f"one of: {', '.join(sorted(PRESETS))}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--resume", default="", metavar="RUN_NAME", help="continue this run from its latest checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--progress", action="store_true",
+                   help="show Ray Data's progress bars (= --set train.progress_bars=true; off by default)")
     args = p.parse_args(argv)
     try:
-        cfg = apply_overrides(get_preset(args.preset), args.set)
+        cfg = apply_overrides(get_preset(args.preset), args.set + (["train.progress_bars=true"] if args.progress else []))
         if args.resume:
             cfg = apply_overrides(cfg, [f"train.run_name={args.resume}"])
     except (ConfigError, ValueError) as e:
@@ -38,6 +43,7 @@ def parse_config(argv=None, description=__doc__):
 
 
 def main(argv=None) -> int:
+    from shortcut_ray.console import summary_lines
     from shortcut_ray.launch import fit, resolve_runtime, storage_root
 
     args, cfg = parse_config(argv)
@@ -45,15 +51,19 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    print(f"[shortcut-ray] run {cfg.train.run_name}: storage {storage_root(cfg)}, "
+    t = cfg.train
+    print(f"[shortcut-ray] run {t.run_name}: {t.max_steps} steps of batch {t.global_batch} on {t.num_workers} "
+          f"{'GPU' if t.use_gpu else 'CPU'} worker(s); checkpoints in {storage_root(cfg)}/{t.run_name}, "
           f"MLflow {cfg.tracking.tracking_uri} (experiment {cfg.tracking.experiment})", flush=True)
+    print("[shortcut-ray] starting Ray (first start: ~10-30 s) ...", flush=True)
     result = fit(cfg)
     if result.error:
-        print(f"[shortcut-ray] run {cfg.train.run_name} failed: {result.error}", file=sys.stderr)
+        print(f"[shortcut-ray] run {t.run_name} failed: {result.error}", file=sys.stderr)
         return 1
     ckpt = result.checkpoint.path if result.checkpoint else None
-    print(f"[shortcut-ray] done: run {cfg.train.run_name}, final metrics {result.metrics}, checkpoint {ckpt}")
-    print(f"[shortcut-ray] browse: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}")
+    metrics = result.metrics or {}
+    for line in summary_lines(t.run_name, ckpt, metrics, cfg.tracking.tracking_uri, str(metrics.get("model_uri", ""))):
+        print(f"[shortcut-ray] {line}")
     return 0
 
 

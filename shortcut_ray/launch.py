@@ -24,16 +24,12 @@ def storage_root(cfg: Config) -> str:
     return cfg.train.storage_path or os.path.abspath("runs")
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (ray job submit sets it), else start a local one."""
-    import ray
+def ensure_ray(num_cpus: int | None = None, progress_bars: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (ray job submit sets it), else start a local one
+    ("local": a fresh cluster, never a stale /tmp/ray/ray_current_cluster, RAY_NOTES §1 misc); quietly."""
+    from .console import init_ray_quietly
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:  # "local": a fresh cluster, never a stale /tmp/ray/ray_current_cluster (RAY_NOTES §1 misc)
-        ray.init(address="local", num_cpus=num_cpus)
+    init_ray_quietly(num_cpus, progress_bars, address=os.environ.get("RAY_ADDRESS") or None)
 
 
 def resolve_runtime(cfg: Config) -> Config:
@@ -51,9 +47,11 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     from .pairs import check_paired
     from .shards import dataset_info
     from .teacher import check_teacher
+    from .console import configure_data_context, train_logging_config
     from .worker import train_loop_per_worker
 
     check_teacher(cfg)  # distillation: the teacher checkpoint exists and matches (before any Ray work)
+    configure_data_context(cfg.train.progress_bars)  # before the Dataset exists: it copies the context
     uri = data.resolve_dataset(cfg.data)
     check_paired(cfg, dataset_info(uri), uri)
     dataset = data.build_dataset(cfg.data, uri, seed=cfg.train.seed)
@@ -67,8 +65,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         name=t.run_name, storage_path=storage_path, storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
-        callbacks=callbacks or None)
-    loop_config = {"config": cfg.to_dict(), "run_name": t.run_name, "resume_from": t.resume_from,
+        callbacks=callbacks or None, logging_config=train_logging_config())
+    loop_config = {"config": cfg.to_dict(), "run_name": t.run_name, "resume_from": t.resume_from, "dataset_uri": uri,
                    "checkpoint_root": f"{storage.rstrip('/')}/{t.run_name}"}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
@@ -104,5 +102,5 @@ def fit(cfg: Config):
     from .teacher import check_teacher
 
     check_teacher(cfg)  # fail before starting Ray (build_trainer checks again: Tune calls it directly)
-    ensure_ray()
+    ensure_ray(progress_bars=cfg.train.progress_bars)
     return build_trainer(cfg).fit()
