@@ -36,7 +36,10 @@ def parse_args(argv=None):
     from shortcut_ray import tune as st
     from shortcut_ray import tune_space as ts
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from shortcut_ray.cli import config_reference
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=config_reference())
     p.add_argument("--preset", default="digits", help=f"one of: {', '.join(sorted(PRESETS))}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override (repeatable)")
     p.add_argument("--space", action="append", default=[], metavar="KEY=KIND(ARGS)",
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
     sets = " ".join(f"--set {k}={ts.fmt_value(v)}" for k, v in best["params"].items())
     print(f"[shortcut-ray] best overrides: {sets}")
     print(f"[shortcut-ray] best checkpoint: {out.best_checkpoint}")
+    if out.best_model_uri:
+        print(f"[shortcut-ray] best model: {out.best_model_uri}  (mlflow.pyfunc.load_model('{out.best_model_uri}'))")
     for t in out.trials:
         print(f"[shortcut-ray] trial {t['trial_id']}: step {t['step']}, {out.metric} {t[out.metric]}, {t['params']}")
     uri = out.tracking_uri

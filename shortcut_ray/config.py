@@ -240,6 +240,8 @@ class TrainConfig:
     """Worker-group restarts from the last checkpoint before giving up (-1: forever)."""
     num_to_keep: int = 3
     """Checkpoints kept by Ray (oldest deleted)."""
+    progress_bars: bool = False
+    """Ray Data's progress bars on the console (off: one shortcut-ray line per log interval with ETA)."""
 
     def __post_init__(self) -> None:
         _check(self.global_batch >= 1, f"train.global_batch must be >= 1, got {self.global_batch}")
@@ -280,6 +282,13 @@ class EvalConfig:
     fid_ref_stats: str = ""
     """Reference statistics (.npz with mu, sigma); empty: computed from the training data and cached."""
     seed: int = 42
+    diagnostics: bool = True
+    """At eval time (and at the end of a run) log the loss heat-map over (k, t) and one-step
+    reconstructions (ALGORITHM §5) as images."""
+    diagnostic_t_bins: int = 32
+    """Columns of the loss heat-map: t in {0, 1/T, ..., (T-1)/T} (ALGORITHM §5: 32)."""
+    diagnostic_rows: int = 16
+    """Rows per worker for each heat-map cell and reconstruction (real images of the last batch)."""
 
     def __post_init__(self) -> None:
         _check(len(self.sample_steps) >= 1 and len(self.fid_steps) >= 1,
@@ -287,6 +296,8 @@ class EvalConfig:
         for n in (*self.sample_steps, *self.fid_steps):
             _check(isinstance(n, int) and 1 <= n, f"eval step counts must be positive integers, got {n}")
         _check(self.grid_size >= 1, f"eval.grid_size must be >= 1, got {self.grid_size}")
+        _check(self.diagnostic_t_bins >= 1 and self.diagnostic_rows >= 1,
+               "eval.diagnostic_t_bins and eval.diagnostic_rows must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -303,6 +314,17 @@ class TrackingConfig:
     """Nest the run under this MLflow run (Tune sweeps: one parent run per sweep)."""
     tags: str = ""
     """Extra run tags as 'k1=v1,k2=v2'."""
+    system_metrics: str = "auto"
+    """MLflow system metrics (CPU, memory, disk, network; GPU when present) sampled on rank 0's node:
+    'auto' (on for GPU runs), 'on' or 'off'."""
+    log_model: bool = True
+    """At the end of a run log the generator as an MLflow pyfunc model (weights as safetensors)."""
+    register_model: str = "auto"
+    """Model Registry name of the logged generator; 'auto': 'shortcut-ray-<preset>'; empty: do not register."""
+
+    def __post_init__(self) -> None:
+        _check(self.system_metrics in ("auto", "on", "off"),
+               f"tracking.system_metrics must be 'auto', 'on' or 'off', got {self.system_metrics!r}")
 
 
 @dataclass(frozen=True)

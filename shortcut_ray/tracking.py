@@ -26,6 +26,9 @@ class Tracker(Protocol):
     def log_dict(self, data: dict, artifact_file: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
+    def log_dataset(self, uri: str, manifest: dict, name: str) -> None: ...
+    def start_system_metrics(self) -> None: ...
+    def log_generator(self, weights: str, config: str, cfg, registered_name: str) -> str: ...
 
 
 class NullTracker:
@@ -53,6 +56,15 @@ class NullTracker:
 
     def end(self, status="FINISHED"):
         pass
+
+    def log_dataset(self, uri, manifest, name):
+        pass
+
+    def start_system_metrics(self):
+        pass
+
+    def log_generator(self, weights, config, cfg, registered_name):
+        return ""
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, cwd: str | None = None) -> str:
@@ -121,8 +133,122 @@ class MlflowTracker:
             self.client.set_tag(self.run_id, k, str(v))
 
     def end(self, status: str = "FINISHED") -> None:
+        if getattr(self, "_system_monitor", None) is not None:
+            self._system_monitor.finish()
+            self._system_monitor = None
         if self.run_id:
             self.client.set_terminated(self.run_id, status=status)
+
+    # -- issue 14: dataset input, system metrics, the generator as a registered pyfunc model -------------
+    def log_dataset(self, uri: str, manifest: dict, name: str) -> None:
+        """The training data as a run input (source URI, manifest digest, counts) in the run's Datasets."""
+        log_dataset_input(self.client, self.run_id, uri, manifest, name)
+
+    def start_system_metrics(self) -> None:
+        """MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU when
+        nvidia-ml-py is installed), sampled every 10 s from this node in a background thread."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri, resume_logging=True)
+        self._system_monitor.start()
+
+    def register_model(self, model_uri: str, name: str) -> str:
+        """Register an already logged model (a sweep's best trial); returns models:/NAME/VERSION."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        version = mlflow.register_model(model_uri, name)
+        return f"models:/{name}/{version.version}"
+
+    def log_generator(self, weights: str, config: str, cfg, registered_name: str) -> str:
+        """Log the generator as a pyfunc model of this run (and register it); returns its model URI."""
+        return log_generator_model(self.tracking_uri, self.run_id, weights, config, cfg, registered_name)
+
+
+def log_dataset_input(client, run_id: str, uri: str, manifest: dict, name: str) -> None:
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    profile = {k: manifest.get(k) for k in ("rows", "num_rows", "kind", "image_size", "channels", "num_classes",
+                                            "skipped", "source") if manifest.get(k) is not None}
+    profile["shards"] = len(manifest.get("shards", []))
+    schema = {"image": manifest.get("kind", "pixels"), "label": "int64"}
+    ds = Dataset(name=name, digest=digest, source_type="local" if "://" not in uri else uri.split("://")[0],
+                 source=json.dumps({"uri": uri}), schema=json.dumps(schema), profile=json.dumps(profile, default=str))
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
+
+
+# The pyfunc model is "models from code": MLflow stores this file, not a pickled class, and runs it on
+# load; the network is rebuilt from config.json and the weights read from generator.safetensors.
+PYFUNC_CODE = """\
+import mlflow
+
+from shortcut_ray.tracking import pyfunc_model
+
+mlflow.models.set_model(pyfunc_model())
+"""
+
+
+def pyfunc_model():
+    """The PythonModel MLflow loads (defined here so that importing tracking.py does not import mlflow)."""
+    import mlflow.pyfunc
+
+    from .generator import Generator
+
+    class ShortcutGenerator(mlflow.pyfunc.PythonModel):
+        """Input: a table with label, steps, cfg_scale, seed (one image per row); output: (B, H, W, C) uint8."""
+
+        def load_context(self, context):
+            self.generator = Generator.from_files(context.artifacts["weights"], context.artifacts["config"])
+
+        def predict(self, context, model_input, params=None):
+            return self.generator.predict_frame(model_input)
+
+    return ShortcutGenerator()
+
+
+def log_generator_model(tracking_uri: str, run_id: str, weights: str, config: str, cfg, registered_name: str) -> str:
+    """Log (and register, when registered_name) the pyfunc generator of run `run_id`; returns a model URI."""
+    import tempfile
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    d = cfg.data
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("long", "label"), ColSpec("long", "steps", required=False),
+                       ColSpec("double", "cfg_scale", required=False), ColSpec("long", "seed", required=False)]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, d.image_size, d.image_size, 3 if d.kind == "latents"
+                                                        else d.channels))]))
+    example = pd.DataFrame({"label": [0, 1], "steps": [1, 4], "cfg_scale": [1.0, 1.0], "seed": [0, 0]})
+    mlflow.set_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="shortcut-pyfunc-") as tmp:
+        code = os.path.join(tmp, "shortcut_ray_generator.py")
+        with open(code, "w") as f:
+            f.write(PYFUNC_CODE)
+        import torch
+
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="generator", python_model=code, artifacts={"weights": weights, "config": config},
+                signature=signature, input_example=example, registered_model_name=registered_name or None,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "pandas",
+                                  "shortcut-ray"])
+        MlflowClientFor(tracking_uri).update_run(run_id, status="RUNNING")  # start_run's exit marked it FINISHED
+    if registered_name and info.registered_model_version:
+        return f"models:/{registered_name}/{info.registered_model_version}"
+    return info.model_uri
+
+
+def MlflowClientFor(tracking_uri: str):  # noqa: N802 - reads like the class it returns
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
 
 
 def create_tracker(cfg: TrackingConfig, rank: int) -> Tracker:

@@ -67,7 +67,7 @@ def trial_config(config: dict, trial_id: str, base: Config | None = None) -> Con
     tags = ",".join(t for t in (cfg.tracking.tags, f"sweep={sweep['name']}", f"trial_id={trial_id}") if t)
     return override(cfg, {"train.run_name": name, "train.storage_path": sweep["train_storage"],
                           "tracking.run_name": name, "tracking.parent_run_id": sweep["parent_run_id"],
-                          "tracking.tags": tags})
+                          "tracking.tags": tags, "tracking.register_model": ""})  # the sweep registers its best
 
 
 def shortcut_trial(config: dict) -> None:
@@ -101,6 +101,7 @@ class SweepResult:
     best_config: Config | None = None
     best_checkpoint: str | None = None
     best_run_id: str | None = None
+    best_model_uri: str | None = None
     trials: list = dataclasses.field(default_factory=list)
 
 
@@ -114,12 +115,18 @@ def init_local_ray(num_cpus: int | None = None, driver_slots: int = 64, **kwargs
     """
     import socket
 
+    import logging
+
     import ray
 
+    from .console import quiet_environment
+
+    for k, v in quiet_environment().items():  # Ray Data / MLflow INFO lines out of the console
+        os.environ.setdefault(k, v)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(num_cpus=num_cpus, resources={DRIVER_RESOURCE: driver_slots}, include_dashboard=True,
+    ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, resources={DRIVER_RESOURCE: driver_slots}, include_dashboard=True,
              dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
              **kwargs)
 
@@ -292,8 +299,21 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
             tracker.end("KILLED")
             return out
         _finish_parent(tracker, out, base.train.max_steps)
+        _register_best(tracker, out, base)
         tracker.end("FINISHED" if out.best_trial_id else "FAILED")
     return out
+
+
+def _register_best(tracker, out: SweepResult, base: Config) -> None:
+    """The best trial's logged generator (its run's tag model_uri) into the Model Registry (issue 14)."""
+    name = base.tracking.register_model
+    name = f"shortcut-ray-{base.preset}" if name == "auto" else name
+    if not (name and out.best_run_id and base.tracking.log_model):
+        return
+    uri = tracker.client.get_run(out.best_run_id).data.tags.get("model_uri")
+    if uri:
+        out.best_model_uri = tracker.register_model(uri, name)
+        tracker.set_tags({"best.model_uri": out.best_model_uri})
 
 
 def _driver_resources() -> dict:

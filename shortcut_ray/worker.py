@@ -24,9 +24,10 @@ from .config import Config
 from .distributed import all_gather_rows, all_reduce_mean
 from .model import flops_per_forward
 from .optim import lr_at
+from .progress import Progress
 from .sampler import fixed_noise, sample
 from .teacher import attach as attach_teacher
-from .tracking import NullTracker, create_tracker, image_grid
+from .tracking import NullTracker, create_tracker
 from .train_step import TrainState
 
 
@@ -42,6 +43,7 @@ class Runner:
 
         self.cfg = Config.from_dict(loop_config["config"])
         self.run_name: str = loop_config["run_name"]
+        self.dataset_uri: str = loop_config.get("dataset_uri", "")
         self.checkpoint_root: str = loop_config.get("checkpoint_root", "")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -103,6 +105,42 @@ class Runner:
                                  "derived.bootstrap_levels": self.state.objective.layout.global_levels.tolist()})
         if run_id:
             self.tracker.set_tags({"resumed_at_step": str(self.state.step)})
+        self._start_tracking_extras(resumed=bool(run_id))
+
+    # -- issue 14: dataset input, system metrics, the generator in the Model Registry ------------------
+    def _start_tracking_extras(self, resumed: bool) -> None:
+        cfg = self.cfg.tracking
+        if self.rank != 0 or not cfg.enabled:
+            return
+        if self.dataset_uri and not resumed:
+            from .shards import dataset_info
+
+            self.tracker.log_dataset(self.dataset_uri, dataset_info(self.dataset_uri), self.cfg.data.source)
+        if cfg.system_metrics == "on" or (cfg.system_metrics == "auto" and self.device.type == "cuda"):
+            self.tracker.start_system_metrics()
+
+    def _publish_model(self) -> dict:
+        """After the last step: the sampling weights as an MLflow pyfunc model, registered under
+        tracking.register_model. Every rank calls it (gathering the sharded weights is a collective)."""
+        from . import generator
+
+        cfg = self.cfg
+        if not (cfg.tracking.enabled and cfg.tracking.log_model):
+            return {}
+        state = generator.full_state_dict(self.state.sampling_model)
+        if self.rank != 0:
+            return {}
+        name = cfg.tracking.register_model
+        name = f"shortcut-ray-{cfg.preset}" if name == "auto" else name
+        tmp = tempfile.mkdtemp(prefix="shortcut-generator-")
+        try:
+            weights, config = generator.save(state, cfg, tmp)
+            uri = self.tracker.log_generator(weights, config, cfg, name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _say(f"[shortcut-ray] logged the generator: {uri}")
+        self.tracker.set_tags({"model_uri": uri})
+        return {"model_uri": uri}
 
     # -- loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -112,6 +150,7 @@ class Runner:
         shard = ray.train.get_dataset_shard("train")
         last = cfg.train.max_steps
         flops_img = self._flops_per_image()
+        self.progress = None  # the console line's ETA; its clock starts at the first batch (after Ray Data's start-up)
         t_log, steps_since, wait = time.perf_counter(), 0, 0.0
         stream = data.EpochStream(shard, st.local_batch, cfg.data, self.device)
         try:
@@ -121,10 +160,13 @@ class Runner:
                     t0 = time.perf_counter()
                     batch = stream.next()
                     wait += time.perf_counter() - t0
+                    if self.progress is None:
+                        self.progress = Progress(total=last, start_step=st.step)
                     if batch is None:  # end of the epoch: Ray Data reshuffles files for the next one
                         self.epoch += 1
                         break
                     metrics = st.step_on(*batch)
+                    self.last_batch = batch  # real rows for the eval-time diagnostics (a reference, no copy)
                     _maybe_inject_fault(st.step, self.rank)
                     self._collect_reference(batch[0])
                     steps_since += 1
@@ -136,6 +178,8 @@ class Runner:
                     if _due(cfg.train.sample_every, step, last):
                         self._sample_grids(step)
                     report = {"step": step, "epoch": self.epoch}
+                    if step == last:  # the same decision on every rank (a collective inside)
+                        report.update(self._publish_model())
                     eval_due = _due(cfg.train.eval_every, step, last)
                     if eval_due:
                         report.update(self._evaluate(step))  # eval/* metrics on rank 0 only
@@ -177,21 +221,21 @@ class Runner:
             if peak:
                 host["perf/mfu"] = ips / self.world * flops_img / peak
         self.tracker.log_metrics(host, step)
+        self.progress.update(step)
         if self.rank == 0:
-            _say(f"[shortcut-ray] step {step:>7d} loss {host['train/loss']:.4f} flow {host.get('train/loss_flow', float('nan')):.4f}"
-                  f" boot {host.get('train/loss_bootstrap', float('nan')):.4f} {ips:8.1f} img/s")
+            _say("[shortcut-ray] " + self.progress.line(step, host["train/loss"], ips))
 
     # -- sampling ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _sample_grids(self, step: int) -> None:
-        """PNG grids at every N of eval.sample_steps from the same fixed noise; ranks split the rows."""
+        """Labelled PNG grids at every N of eval.sample_steps from the same fixed noise (one row per class,
+        upscaled for the MLflow UI, shortcut_ray/figures.py); ranks split the rows."""
+        from .figures import labelled_grid
+
         cfg = self.cfg
-        n = cfg.eval.grid_size ** 2
+        y, row_labels, ncol = grid_layout(cfg)
+        n = y.numel()
         noise = fixed_noise((n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), cfg.eval.seed)
-        if cfg.objective.class_conditional:
-            y = (torch.arange(n) // cfg.eval.grid_size) % cfg.data.num_classes  # one class per grid row
-        else:
-            y = torch.full((n,), cfg.data.num_classes)
         mine = torch.tensor_split(torch.arange(n), self.world)[self.rank]
         model = self.state.sampling_model
         rows = []
@@ -203,11 +247,13 @@ class Runner:
             x = all_gather_rows(x.float().contiguous())
             if self.rank == 0:
                 images = self._to_images(x)
-                self.tracker.log_image(image_grid(images, cfg.eval.grid_size),
+                self.tracker.log_image(labelled_grid(images, ncol, row_labels, title=f"N={steps} steps, step {step}"),
                                        f"samples/step_{step:07d}/N{steps:03d}.png")
-                rows.append(images[: cfg.eval.grid_size])
-        if self.rank == 0:  # one strip per N, same noise: compare step counts at a glance
-            self.tracker.log_image(image_grid(np.concatenate(rows), cfg.eval.grid_size),
+                rows.append(images[::ncol])  # the first sample of every row (class), same noise for every N
+        if self.rank == 0:  # one row per N, same noise: compare step counts at a glance
+            self.tracker.log_image(labelled_grid(np.concatenate(rows), len(row_labels),
+                                                 [f"N={s}" for s in cfg.eval.sample_steps],
+                                                 title=f"same noise, columns: {', '.join(row_labels)}"),
                                    f"samples/step_{step:07d}/all_N.png")
 
     def _to_images(self, x: torch.Tensor) -> np.ndarray:
@@ -234,8 +280,43 @@ class Runner:
         self.tracker.log_metrics(metrics, step)
         self.tracker.log_dict({"step": step, **details}, f"eval/step_{step:07d}.json")
         if self.rank == 0:
-            _say(f"[shortcut-ray] eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            _say(f"[shortcut-ray] eval step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            self._log_quality_chart(metrics, step)
+        if self.cfg.eval.diagnostics:  # every rank: the diagnostics' forwards are FSDP collectives
+            self._log_diagnostics(step)
         return metrics
+
+    # -- eval-time figures (issue 14): quality vs N, loss heat-map, one-step reconstructions -------------
+    def _log_quality_chart(self, metrics: dict[str, float], step: int) -> None:
+        from .figures import quality_chart
+
+        per_n: dict[str, dict[int, float]] = {}
+        for key, v in metrics.items():  # eval/fd_pixel/N4 -> per_n["fd_pixel"][4]
+            kind, n = key.split("/")[-2], int(key.rsplit("/N", 1)[1])
+            per_n.setdefault(kind, {})[n] = v
+        if per_n:
+            title = f"{self.cfg.preset}, step {step}, {self.cfg.eval.fid_samples} samples per N"
+            self.tracker.log_image(quality_chart(per_n, title), f"eval/quality_vs_N_step_{step:07d}.png")
+
+    def _log_diagnostics(self, step: int) -> None:
+        from .diagnostics import loss_heatmap, reconstructions
+        from .figures import heatmap, labelled_grid
+
+        cfg, st = self.cfg, self.state
+        rows = min(cfg.eval.diagnostic_rows, st.local_batch)
+        x1, y = (t[:rows] for t in self.last_batch)
+        levels = cfg.objective.num_levels
+        values, t_values = loss_heatmap(st.objective, st.model, st.teacher, x1, y, levels, cfg.eval.diagnostic_t_bins,
+                                        seed=cfg.eval.seed, autocast=st.autocast)
+        images, labels = reconstructions(st.objective, st.sampling_model, x1[:8], y[:8], levels, autocast=st.autocast)
+        if self.rank == 0:
+            self.tracker.log_image(heatmap(values.numpy(), t_values.numpy(), f"loss over forced (k, t), step {step}"),
+                                   f"diagnostics/loss_heatmap_step_{step:07d}.png")
+            self.tracker.log_dict({"step": step, "t": t_values.tolist(), "loss": values.tolist()},
+                                  f"diagnostics/loss_heatmap_step_{step:07d}.json")
+            self.tracker.log_image(labelled_grid(self._to_images(images), x1[:8].shape[0], labels,
+                                                 title=f"one-step reconstructions, step {step}"),
+                                   f"diagnostics/reconstructions_step_{step:07d}.png")
 
     def _checkpoint(self, step: int, metrics: dict, report: dict) -> None:
         import ray.train
@@ -255,6 +336,16 @@ class Runner:
             shutil.rmtree(tmp, ignore_errors=True)
         self.tracker.set_tags({"checkpoint.latest": uri, "checkpoint.step": str(step)})
         self.tracker.log_dict({"checkpoints": self.checkpoints}, "checkpoints.json")
+
+
+def grid_layout(cfg: Config) -> tuple[torch.Tensor, list[str], int]:
+    """(labels, row labels, columns) of a sample grid: one row per class (at most 10), eval.grid_size
+    samples each; unconditional runs: eval.grid_size rows of the null label."""
+    ncol = cfg.eval.grid_size
+    if cfg.objective.class_conditional:
+        nrow = min(cfg.data.num_classes, 10)
+        return torch.arange(nrow).repeat_interleave(ncol), [f"class {c}" for c in range(nrow)], ncol
+    return torch.full((ncol * ncol,), cfg.data.num_classes), ["uncond."] * ncol, ncol
 
 
 def _warn_uncommitted(step: int) -> None:
@@ -281,6 +372,16 @@ def _say(message: str) -> None:
     print into its logger *and* tees it to a wrapped stdout, so every printed line reached the job log twice."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def _quiet_worker() -> None:
+    """Known-harmless warnings that would otherwise reach the user's console once per worker/epoch."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # Ray Data -> torch
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
@@ -322,6 +423,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point (see launch.build_trainer)."""
     if os.environ.get("SHORTCUT_RAY_THREADS"):
         torch.set_num_threads(int(os.environ["SHORTCUT_RAY_THREADS"]))
+    _quiet_worker()
     Runner(loop_config).run()
 
 
