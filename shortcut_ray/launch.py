@@ -12,7 +12,7 @@ import os
 
 from .config import Config, override
 from .storage import pyarrow_filesystem
-from .tracking import resolve_tracking_uri
+from .tracking import MlflowTracker, resolve_tracking_uri
 
 
 def default_run_name(cfg: Config) -> str:
@@ -102,5 +102,7 @@ def fit(cfg: Config):
     from .teacher import check_teacher
 
     check_teacher(cfg)  # fail before starting Ray (build_trainer checks again: Tune calls it directly)
+    if cfg.tracking.enabled:  # the experiment is created here, so a local store's artifacts go to the driver's
+        MlflowTracker(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment)  # ./mlruns, not Ray's session dir
     ensure_ray(progress_bars=cfg.train.progress_bars)
     return build_trainer(cfg).fit()
