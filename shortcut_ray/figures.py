@@ -53,10 +53,11 @@ def labelled_grid(images: np.ndarray, ncol: int, row_labels: list[str], min_px: 
     font_px = max(12, min(24, h // 3))
     label_w = int(font_px * 0.62 * max([len(s) for s in row_labels] + [1])) + 2 * GUTTER + 6
     title_h = font_px + 8 if title else 0
-    canvas = Image.new("RGB", (label_w + ncol * (w + GUTTER) + GUTTER, title_h + nrow * (h + GUTTER) + GUTTER),
-                       "white")
-    draw = ImageDraw.Draw(canvas)
     font = _font(font_px)
+    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 8 if title else 0
+    canvas = Image.new("RGB", (max(title_w, label_w + ncol * (w + GUTTER) + GUTTER),
+                               title_h + nrow * (h + GUTTER) + GUTTER), "white")  # the title is never cut off
+    draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((GUTTER + 2, 3), title, fill="black", font=font)
     for r, label in enumerate(row_labels):

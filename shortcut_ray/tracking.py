@@ -76,6 +76,10 @@ def resolve_tracking_uri(cfg: TrackingConfig, cwd: str | None = None) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(cwd or os.getcwd(), 'mlflow.db'))}"
 
 
+# MLflow 3's UI shows an experiment without this tag in its GenAI view ("Evaluation runs"); screenshot check
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 class MlflowTracker:
     """MLflow through an explicit MlflowClient (no global active-run state inside Ray workers)."""
 
@@ -88,6 +92,8 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if not exp or EXPERIMENT_KIND[0] not in exp.tags:  # the UI opens it in its "Model training" view
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str], run_id: str | None = None) -> str:

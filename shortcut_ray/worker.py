@@ -253,7 +253,7 @@ class Runner:
         if self.rank == 0:  # one row per N, same noise: compare step counts at a glance
             self.tracker.log_image(labelled_grid(np.concatenate(rows), len(row_labels),
                                                  [f"N={s}" for s in cfg.eval.sample_steps],
-                                                 title=f"same noise, columns: {', '.join(row_labels)}"),
+                                                 title=f"same noise per column ({row_labels[0]} ... {row_labels[-1]})"),
                                    f"samples/step_{step:07d}/all_N.png")
 
     def _to_images(self, x: torch.Tensor) -> np.ndarray:
