@@ -102,9 +102,6 @@ def fit(cfg: Config):
     from .teacher import check_teacher
 
     check_teacher(cfg)  # fail before starting Ray (build_trainer checks again: Tune calls it directly)
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     if cfg.tracking.enabled:  # the experiment is created here, so a local store's artifacts go to the driver's
         MlflowTracker(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment)  # ./mlruns, not Ray's session dir
     ensure_ray(progress_bars=cfg.train.progress_bars)

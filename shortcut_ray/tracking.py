@@ -84,9 +84,12 @@ class MlflowTracker:
     """MLflow through an explicit MlflowClient (no global active-run state inside Ray workers)."""
 
     def __init__(self, tracking_uri: str, experiment: str):
+        import logging
+
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # after the import, which sets it to INFO
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
@@ -218,6 +221,7 @@ def pyfunc_model():
 
 def log_generator_model(tracking_uri: str, run_id: str, weights: str, config: str, cfg, registered_name: str) -> str:
     """Log (and register, when registered_name) the pyfunc generator of run `run_id`; returns a model URI."""
+    import contextlib
     import tempfile
 
     import mlflow
@@ -239,7 +243,9 @@ def log_generator_model(tracking_uri: str, run_id: str, weights: str, config: st
             f.write(PYFUNC_CODE)
         import torch
 
-        with mlflow.start_run(run_id=run_id):
+        # MLflow prints "Successfully registered model ..." and download bars to stderr; the caller says
+        # what was logged in one line. Exceptions still propagate.
+        with mlflow.start_run(run_id=run_id), contextlib.redirect_stderr(io.StringIO()):
             info = mlflow.pyfunc.log_model(
                 name="generator", python_model=code, artifacts={"weights": weights, "config": config},
                 signature=signature, input_example=example, registered_model_name=registered_name or None,

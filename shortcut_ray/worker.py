@@ -375,13 +375,18 @@ def _say(message: str) -> None:
 
 
 def _quiet_worker() -> None:
-    """Known-harmless warnings that would otherwise reach the user's console once per worker/epoch."""
+    """Known-harmless warnings and INFO lines that would otherwise reach the user's console."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # Ray Data -> torch
-    import logging
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # MLflow, our pyfunc
+    try:  # "Reporting training result N: TrainingReport(...)" per rank and checkpoint: Train V2 logs it at INFO
+        from ray.train.v2._internal.execution import context  # under the file's path, not under "ray.train"
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
