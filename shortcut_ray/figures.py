@@ -115,7 +115,7 @@ def heatmap(values: np.ndarray, t_values: np.ndarray, title: str) -> np.ndarray:
     levels, bins = values.shape
     fig, ax = plt.subplots(figsize=(max(6, bins * 0.28), 0.45 * levels + 1.6))
     im = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower")
-    ax.set_yticks(range(levels), [f"k={k} (d=1/{2 ** k})" for k in range(levels)])
+    ax.set_yticks(range(levels), [f"k={k} (d=1/{2 ** k})" + (" flow" if k == levels - 1 else "") for k in range(levels)])
     step = max(1, bins // 8)
     ax.set_xticks(range(0, bins, step), [f"{t:.2f}" for t in t_values[::step]])
     ax.set_xlabel("t (0 = noise, 1 = data)")
