@@ -47,17 +47,22 @@ def save(state_dict: dict[str, torch.Tensor], cfg: Config, directory: str) -> tu
 
 class Generator:
     def __init__(self, model: nn.Module, cfg: Config, device: str | torch.device = "cpu"):
+        from .objectives import build_objective
+
         self.model, self.cfg, self.device = model.eval().to(device), cfg, torch.device(device)
+        # the objective owns its sampler (Euler for shortcut / flow matching, multistep, DDIM)
+        self.objective = build_objective(cfg.objective, cfg.data.num_classes, cfg.train.global_batch)
 
     @classmethod
     def from_files(cls, weights: str, config: str, device: str | torch.device = "cpu") -> "Generator":
         from safetensors.torch import load_file
 
         from .model import build_model
+        from .objectives import objective_class
 
         with open(config) as f:
             cfg = Config.from_dict(json.load(f))
-        model = build_model(cfg)
+        model = build_model(cfg, uses_step_level=objective_class(cfg.objective.train_type).uses_step_level)
         model.load_state_dict(load_file(weights))
         return cls(model, cfg, device)
 
@@ -81,7 +86,7 @@ class Generator:
             idx = torch.tensor([i for i, k in enumerate(zip(steps, scales)) if k == key])
             y = torch.tensor([labels[i] for i in idx.tolist()], device=self.device)
             out[idx] = sample(self.model, noise[idx].to(self.device), y, key[0], key[1], d.num_classes,
-                              obj.denoise_timesteps).float().cpu()
+                              obj.denoise_timesteps, objective=self.objective).float().cpu()
         if d.kind == "latents":
             from .latents import decode_for_display
 

@@ -282,7 +282,9 @@ class Runner:
         if self.rank == 0:
             _say(f"[shortcut-ray] eval step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             self._log_quality_chart(metrics, step)
-        if self.cfg.eval.diagnostics:  # every rank: the diagnostics' forwards are FSDP collectives
+        from .diagnostics import supported
+
+        if self.cfg.eval.diagnostics and supported(self.cfg.objective.train_type):  # every rank: FSDP collectives
             self._log_diagnostics(step)
         return metrics
 
@@ -306,9 +308,10 @@ class Runner:
         rows = min(cfg.eval.diagnostic_rows, st.local_batch)
         x1, y = (t[:rows] for t in self.last_batch)
         levels = cfg.objective.num_levels
-        values, t_values = loss_heatmap(st.objective, st.model, st.teacher, x1, y, levels, cfg.eval.diagnostic_t_bins,
+        values, t_values = loss_heatmap(st.objective, st.networks, x1, y, levels, cfg.eval.diagnostic_t_bins,
                                         seed=cfg.eval.seed, autocast=st.autocast)
-        images, labels = reconstructions(st.objective, st.sampling_model, x1[:8], y[:8], levels, autocast=st.autocast)
+        images, labels = reconstructions(st.objective, st.sampling_model, st.networks, x1[:8], y[:8], levels,
+                                         autocast=st.autocast)
         if self.rank == 0:
             self.tracker.log_image(heatmap(values.numpy(), t_values.numpy(), f"loss over forced (k, t), step {step}"),
                                    f"diagnostics/loss_heatmap_step_{step:07d}.png")

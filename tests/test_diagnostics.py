@@ -6,7 +6,8 @@ import torch
 from shortcut_ray.config import ObjectiveConfig
 from shortcut_ray.diagnostics import loss_heatmap, reconstructions
 from shortcut_ray.figures import heatmap, labelled_grid, quality_chart
-from shortcut_ray.objective import build_objective
+from shortcut_ray.objectives import build_objective
+from shortcut_ray.objectives.base import Networks
 
 
 def _objective(train_type="shortcut"):
@@ -20,7 +21,7 @@ def test_heatmap_with_a_zero_model():
     obj = _objective()
     zero = lambda x, t, k, y: torch.zeros_like(x)  # noqa: E731
     x1, y = torch.full((6, 1, 4, 4), 0.5), torch.arange(6)
-    values, t = loss_heatmap(obj, zero, zero, x1, y, num_levels=3, t_bins=4, seed=1)
+    values, t = loss_heatmap(obj, Networks(online=zero, ema=zero), x1, y, num_levels=3, t_bins=4, seed=1)
     assert values.shape == (4, 4) and t.tolist() == [0, 0.25, 0.5, 0.75]
     assert torch.all(values[:3] == 0)
     assert torch.all((values[3] > 0.5) & (values[3] < 2.5))  # E[(0.5 - x0)^2] = 1.25 up to sampling
@@ -29,7 +30,8 @@ def test_heatmap_with_a_zero_model():
 def test_heatmap_flow_matching_has_only_the_flow_row():
     obj = _objective("flow_matching")
     zero = lambda x, t, k, y: torch.zeros_like(x)  # noqa: E731
-    values, _ = loss_heatmap(obj, zero, zero, torch.zeros(6, 1, 4, 4), torch.arange(6), num_levels=3, t_bins=2)
+    values, _ = loss_heatmap(obj, Networks(online=zero, ema=zero), torch.zeros(6, 1, 4, 4), torch.arange(6),
+                             num_levels=3, t_bins=2)
     assert torch.isnan(values[:3]).all() and torch.isfinite(values[3]).all()
 
 
@@ -38,7 +40,7 @@ def test_reconstructions_follow_x_t_plus_one_minus_t_times_v():
     obj = _objective()
     x1 = torch.randn(6, 1, 4, 4)
     ideal = lambda x, t, k, y: (x1 - x) / (1 - t).view(-1, 1, 1, 1)  # noqa: E731
-    images, labels = reconstructions(obj, ideal, x1, torch.arange(6), num_levels=3)
+    images, labels = reconstructions(obj, ideal, Networks(online=ideal, ema=ideal), x1, torch.arange(6), num_levels=3)
     assert labels[0] == "real x1" and labels[1] == "flow t=0/8" and labels[-1] == "k=2 t=1-1/4"
     assert len(labels) == 1 + 8 + 3 and images.shape == (len(labels) * 6, 1, 4, 4)
     torch.testing.assert_close(images, x1.repeat(len(labels), 1, 1, 1), atol=1e-5, rtol=0)

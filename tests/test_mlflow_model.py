@@ -10,9 +10,13 @@ import torch
 
 from shortcut_ray import generator
 from shortcut_ray.config import TrackingConfig
-from shortcut_ray.model import build_model
+from shortcut_ray.model import build_model as _build_model
 from shortcut_ray.presets import get_preset
 from shortcut_ray.tracking import create_tracker
+
+
+def build_model(cfg):
+    return _build_model(cfg, uses_step_level=True)
 
 
 @pytest.fixture()
