@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from shortcut_ray.config import ConfigError, apply_overrides
+from shortcut_ray.faults import explain
 from shortcut_ray.presets import PRESETS, get_preset
 
 
@@ -47,9 +48,13 @@ def main(argv=None) -> int:
         return 0
     print(f"[shortcut-ray] run {cfg.train.run_name}: storage {storage_root(cfg)}, "
           f"MLflow {cfg.tracking.tracking_uri} (experiment {cfg.tracking.experiment})", flush=True)
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except Exception as e:  # noqa: BLE001 - Train V2's fit() raises on worker errors: say the root cause
+        print(f"[shortcut-ray] run {cfg.train.run_name} failed: {explain(e)}", file=sys.stderr)
+        return 1
     if result.error:
-        print(f"[shortcut-ray] run {cfg.train.run_name} failed: {result.error}", file=sys.stderr)
+        print(f"[shortcut-ray] run {cfg.train.run_name} failed: {explain(result.error)}", file=sys.stderr)
         return 1
     ckpt = result.checkpoint.path if result.checkpoint else None
     print(f"[shortcut-ray] done: run {cfg.train.run_name}, final metrics {result.metrics}, checkpoint {ckpt}")

@@ -63,12 +63,12 @@ def resolve_runtime(cfg: Config) -> Config:
 def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for a resolved config (see resolve_runtime)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from . import data
     from .pairs import check_paired
     from .shards import dataset_info
     from .teacher import check_teacher
+    from .ray_trainer import ShortcutTrainer as TorchTrainer
     from .worker import train_loop_per_worker
 
     check_teacher(cfg)  # distillation: the teacher checkpoint exists and matches (before any Ray work)
@@ -99,9 +99,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
 def build_evaluator(cfg: Config, checkpoint_uri: str):
     """A TorchTrainer that evaluates `checkpoint_uri` (every worker samples; see worker.evaluate_loop_per_worker)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
-
     from . import data
+    from .ray_trainer import ShortcutTrainer as TorchTrainer
     from .worker import evaluate_loop_per_worker
 
     uri = data.resolve_dataset(cfg.data)

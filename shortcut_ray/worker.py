@@ -22,6 +22,7 @@ import torch
 from . import checkpoint, data
 from .config import Config
 from .distributed import all_gather_rows, all_reduce_mean
+from .guard import FiniteGuard
 from .model import flops_per_forward
 from .optim import lr_at
 from .sampler import fixed_noise, sample
@@ -55,6 +56,7 @@ class Runner:
         self.tracker = create_tracker(self.cfg.tracking, self.rank) if self.cfg.tracking.enabled else NullTracker()
         self._start_tracking(meta.get("mlflow_run_id"))
         self.checkpoints: list[str] = list(meta.get("checkpoints", []))
+        self.guard = FiniteGuard(self.device)
         self.evaluator = None
         self.reference: list[torch.Tensor] = []  # real images for eval statistics, collected while training
         if self.cfg.train.eval_every > 0:
@@ -126,6 +128,7 @@ class Runner:
                         break
                     metrics = st.step_on(*batch)
                     _maybe_inject_fault(st.step, self.rank)
+                    self._guard_step(metrics, last)
                     self._collect_reference(batch[0])
                     steps_since += 1
                     steps_this_epoch += 1
@@ -149,11 +152,41 @@ class Runner:
                     raise ValueError(f"the dataset yields no full batch of {st.local_batch} rows per worker; "
                                      f"lower train.global_batch or use more data")
             self.tracker.end("FINISHED")
-        except BaseException:
-            self.tracker.end("FAILED")
+        except BaseException as e:
+            self._fail_tracking(e)
             raise
         finally:
             stream.close()
+
+    # -- divergence (guard.py) -----------------------------------------------------------------------
+    def _guard_step(self, metrics: dict, last: int) -> None:
+        """Stop before any action of a step whose loss/gradients (or, at checkpoint steps, weights) are
+        non-finite; the device-side flag is read only at the guard's check steps."""
+        step = self.state.step
+        self.guard.observe(step, metrics)
+        if FiniteGuard.due(step, last, self.cfg.train):
+            ckpt_due = _due(self.cfg.train.checkpoint_every, step, last)
+            self.guard.check(step, self.state.model if ckpt_due else None, self._divergence_message)
+
+    def _divergence_message(self, first_bad: int, step: int) -> str:
+        good = self.checkpoints[-1] if self.checkpoints else None
+        where = (f"The last good checkpoint is {good} (nothing after it was saved, so Ray's rotation kept it)."
+                 if good else "No checkpoint of this run was saved before it.")
+        again = (f"resume from it with `python -m jobs.train --resume {self.run_name} --set optim.lr=...`"
+                 if good else "start a new run")
+        return (f"training diverged: the loss or gradient norm became non-finite (nan/inf) at step {first_bad} "
+                f"(found at the check of step {step}) in run {self.run_name}. {where} To continue, lower "
+                f"optim.lr (now {self.cfg.optim.lr:g}) or set optim.grad_clip > 0 (now {self.cfg.optim.grad_clip:g}), "
+                f"then {again}.")
+
+    def _fail_tracking(self, error: BaseException) -> None:
+        """Mark the MLflow run FAILED with the reason (KILLED when interrupted); never mask `error`."""
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        try:
+            self.tracker.set_tags({"failure_reason": f"{type(error).__name__}: {error}"[:4000]})
+            self.tracker.end(status)
+        except Exception as e:  # noqa: BLE001 - the tracking server may be the thing that failed
+            _say(f"[shortcut-ray] warning: could not mark the MLflow run {status}: {e}")
 
     def _flops_per_image(self) -> float:
         """Training FLOPs per image: 3x forward for the online pass (fwd + bwd) plus the objective's extra
