@@ -359,9 +359,12 @@ def evaluate_loop_per_worker(loop_config: dict) -> None:
     state = TrainState.create(cfg, device)
     from .launch import pyarrow_filesystem
 
-    fs, path = pyarrow_filesystem(loop_config["checkpoint"])
-    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-        meta = checkpoint.load(d, state.model, state.ema, state.optimizer)
+    if loop_config["checkpoint"].endswith(".safetensors"):  # the portable export: weights only
+        meta = checkpoint.load_weights(checkpoint.local_copy(loop_config["checkpoint"]), state.model, state.ema)
+    else:
+        fs, path = pyarrow_filesystem(loop_config["checkpoint"])
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+            meta = checkpoint.load(d, state.model, state.ema, state.optimizer)
     ev = Evaluator(cfg, device, rank, world)
     real, seen = [], 0
     for x, *_ in data.batches(ray.train.get_dataset_shard("train"), state.local_batch, cfg.data, device):

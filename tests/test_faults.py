@@ -88,3 +88,123 @@ def test_divergence_stops_fast_keeps_last_good_checkpoint_and_fails_mlflow_run(t
     runs = client.search_runs([client.get_experiment_by_name("shortcut-ray").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "diverged" in runs[0].data.tags["failure_reason"]
+
+
+# -- point 2: loading a checkpoint never runs code from it --------------------------------------------------
+class _Evil:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    """A real single-process checkpoint of the debug model after one step: (dir, TrainState)."""
+    import torch
+
+    from shortcut_ray import checkpoint
+    from shortcut_ray.train_step import TrainState
+
+    cfg = apply_overrides(get_preset("debug_cpu"), ["train.num_workers=1"])
+    st = TrainState.create(cfg)
+    g = torch.Generator().manual_seed(0)
+    st.step_on(torch.randn(64, 1, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
+    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint_0000001")
+    checkpoint.save(path, st.model, st.ema, st.optimizer, 1, cfg, extra={"run_name": "t"})
+    return path, st
+
+
+def _poisoned_copy(src, dst, marker):
+    """A copy of `src` whose .metadata also holds a pickled os.system call (DCP's own unpickler runs it)."""
+    import os
+    import pickle
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, ".metadata"), "rb") as f:
+        meta = pickle.load(f)  # our own, trusted file
+    meta.planner_data = {"x": _Evil(marker)}
+    with open(os.path.join(dst, ".metadata"), "wb") as f:
+        pickle.dump(meta, f)
+    os.remove(os.path.join(dst, "weights.safetensors"))  # force the DCP path
+    return dst
+
+
+def test_malicious_dcp_metadata_is_refused_and_never_run(saved_checkpoint, tmp_path):
+    """Point 2: DCP read .metadata with pickle.load, so a crafted checkpoint ran a shell command under
+    jobs.sample, jobs.evaluate, --resume and resume_from. Every load path refuses it; the marker never appears."""
+    import torch.distributed.checkpoint as dcp
+
+    from shortcut_ray import checkpoint
+    from shortcut_ray.safe_dcp import UntrustedCheckpointError
+    from shortcut_ray.train_step import TrainState
+
+    src, st = saved_checkpoint
+    marker = tmp_path / "pwned"
+    bad = _poisoned_copy(src, str(tmp_path / "bad"), marker)
+    with pytest.raises(UntrustedCheckpointError, match="posix.system|os.system"):
+        checkpoint.load_for_inference(bad, "ema")
+    fresh = TrainState.create(st.cfg)
+    with pytest.raises(UntrustedCheckpointError):
+        checkpoint.load(bad, fresh.model, fresh.ema, fresh.optimizer)
+    from jobs import sample
+
+    assert sample.main([bad, "--steps", "1", "--n", "4", "--out", str(tmp_path / "s")]) == 1
+    assert not marker.exists(), "code from the checkpoint ran"
+    # the probe is real: torch's own reader runs it
+    model, _, _ = checkpoint.load_for_inference(src, "ema")
+    dcp.load({"ema": model.state_dict()}, checkpoint_id=bad, no_dist=True)
+    assert marker.exists()
+
+
+def test_safe_loader_restores_everything_and_safetensors_export_matches(saved_checkpoint, tmp_path):
+    """The allow-list is not too strict: a real checkpoint (model, EMA, optimiser incl. param groups) loads;
+    weights.safetensors (online and EMA) gives the same tensors; jobs.sample accepts the export."""
+    import os
+    import shutil
+
+    import torch
+
+    from shortcut_ray import checkpoint
+    from shortcut_ray.train_step import TrainState
+
+    src, st = saved_checkpoint
+    fresh = TrainState.create(st.cfg)
+    meta = checkpoint.load(src, fresh.model, fresh.ema, fresh.optimizer)
+    assert meta["step"] == 1
+    for a, b in zip(st.model.parameters(), fresh.model.parameters()):
+        assert torch.equal(a, b)
+    assert fresh.optimizer.param_groups[0]["lr"] == st.optimizer.param_groups[0]["lr"]
+    assert len(fresh.optimizer.state) == len(st.optimizer.state) > 0
+    dcp_only = shutil.copytree(src, str(tmp_path / "dcp_only"))
+    os.remove(os.path.join(dcp_only, "weights.safetensors"))
+    for role, live in (("online", st.model), ("ema", st.ema)):
+        from_st, _, m1 = checkpoint.load_for_inference(os.path.join(src, "weights.safetensors"), role)
+        from_dcp, _, _ = checkpoint.load_for_inference(dcp_only, role)
+        assert m1["step"] == 1 and m1["run_name"] == "t"
+        for (k, a), b, c in zip(from_st.state_dict().items(), from_dcp.state_dict().values(), live.state_dict().values()):
+            assert torch.equal(a, b) and torch.equal(a, c), k
+    assert not torch.equal(next(st.model.parameters()), next(st.ema.parameters()))  # roles really differ
+    from jobs import sample
+
+    out = tmp_path / "samples"
+    assert sample.main([os.path.join(src, "weights.safetensors"), "--steps", "1", "--n", "4", "--out", str(out)]) == 0
+    assert (out / "N001.png").exists()
+
+
+def test_sample_on_missing_or_non_checkpoint_path_is_one_line_error(tmp_path, capsys):
+    """Point 7: jobs.sample on a missing path printed a 16-line FileNotFoundError traceback."""
+    from jobs import sample
+
+    assert sample.main([str(tmp_path / "nope"), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert sample.main([str(tmp_path / "empty"), "--steps", "1"]) == 1
+    assert "has no state.json" in capsys.readouterr().err
