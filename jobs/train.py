@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     print(f"[shortcut-ray] run {cfg.train.run_name}: storage {storage_root(cfg)}, "
           f"MLflow {cfg.tracking.tracking_uri} (experiment {cfg.tracking.experiment})", flush=True)
     try:
-        result = fit(cfg)
+        result = fit(cfg, resume=bool(args.resume))
     except Exception as e:  # noqa: BLE001 - Train V2's fit() raises on worker errors: say the root cause
         print(f"[shortcut-ray] run {cfg.train.run_name} failed: {explain(e)}", file=sys.stderr)
         return 1

@@ -116,10 +116,20 @@ def build_evaluator(cfg: Config, checkpoint_uri: str):
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
 
 
-def fit(cfg: Config):
-    """Run (or resume) training; returns the ray.train.Result."""
+def preflight(cfg: Config, resume: bool = False, log=print) -> None:
+    """Driver-side checks before any worker starts (preflight.py): PermanentError in seconds."""
+    from . import data, preflight as checks
+    from .shards import dataset_info
+
+    uri = data.resolve_dataset(cfg.data)
+    checks.run(cfg, storage_root(cfg), uri, dataset_info(uri), resume=resume, log=log)
+
+
+def fit(cfg: Config, resume: bool = False):
+    """Run (or resume: the run must exist) training; returns the ray.train.Result."""
     from .teacher import check_teacher
 
     check_teacher(cfg)  # fail before starting Ray (build_trainer checks again: Tune calls it directly)
+    preflight(cfg, resume)
     ensure_ray()
     return build_trainer(cfg).fit()

@@ -22,6 +22,7 @@ import torch
 from . import checkpoint, data
 from .config import Config
 from .distributed import all_gather_rows, all_reduce_mean
+from .faults import PermanentError
 from .guard import FiniteGuard
 from .model import flops_per_forward
 from .optim import lr_at
@@ -53,8 +54,7 @@ class Runner:
         attach_teacher(self.state)  # CD / PD: frozen teacher + student from its checkpoint (teacher.py)
         self.epoch = 0
         meta = self._restore(loop_config.get("resume_from", ""))
-        self.tracker = create_tracker(self.cfg.tracking, self.rank) if self.cfg.tracking.enabled else NullTracker()
-        self._start_tracking(meta.get("mlflow_run_id"))
+        self._start_tracking_or_explain(meta.get("mlflow_run_id"))
         self.checkpoints: list[str] = list(meta.get("checkpoints", []))
         self.guard = FiniteGuard(self.device)
         self.evaluator = None
@@ -89,6 +89,22 @@ class Runner:
             meta.pop("mlflow_run_id", None)
             meta.pop("checkpoints", None)
         return meta
+
+    def _start_tracking_or_explain(self, run_id: str | None) -> None:
+        """MLflow down at the start of a run is permanent (the driver checked it seconds ago: fix the server
+        or the URI); at a restart mid-run it only warns and the run trains on untracked."""
+        try:
+            self.tracker = create_tracker(self.cfg.tracking, self.rank) if self.cfg.tracking.enabled else NullTracker()
+            self._start_tracking(run_id)
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            if self.state.step == 0:
+                raise PermanentError(f"MLflow at {self.cfg.tracking.tracking_uri} failed at the start of the run "
+                                     f"({why}); fix the server or tracking.tracking_uri, or set "
+                                     f"tracking.enabled=false") from None
+            _say(f"[shortcut-ray] warning: MLflow failed on restart ({why}); training continues without tracking")
+            self.tracker = NullTracker()
+            self.run_id = run_id
 
     def _start_tracking(self, run_id: str | None) -> None:
         cfg = self.cfg

@@ -208,3 +208,114 @@ def test_sample_on_missing_or_non_checkpoint_path_is_one_line_error(tmp_path, ca
     (tmp_path / "empty").mkdir()
     assert sample.main([str(tmp_path / "empty"), "--steps", "1"]) == 1
     assert "has no state.json" in capsys.readouterr().err
+
+
+# -- point 3/6/7: fail fast on the driver, before any worker --------------------------------------------
+def _train_main(tmp_path, *sets, resume=""):
+    """jobs.train.main with small settings; returns (exit code, stderr+stdout, seconds)."""
+    import contextlib
+    import io
+    import time
+
+    from jobs import train
+
+    argv = ["--preset", "debug_cpu", "--set", f"train.storage_path={tmp_path / 'runs'}"]
+    for s in sets:
+        argv += ["--set", s]
+    if resume:
+        argv += ["--resume", resume]
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+        rc = train.main(argv)
+    return rc, out.getvalue(), time.perf_counter() - t0
+
+
+def test_unreachable_tracking_server_fails_in_seconds_before_workers(tmp_path):
+    """Point 3: MLflow down cost 13.5 minutes (HTTP retries x worker-group restarts) before failing."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, out, secs = _train_main(tmp_path, f"tracking.tracking_uri=http://127.0.0.1:{port}", "train.run_name=x")
+    assert rc == 1 and secs < 15, (rc, secs, out)
+    assert "unreachable" in out and "tracking.enabled=false" in out and "Traceback" not in out, out
+    assert not (tmp_path / "runs" / "x").exists()  # no worker ever started
+
+
+def test_storage_path_not_writable_fails_before_workers(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    rc, out, secs = _train_main(tmp_path, f"train.storage_path={tmp_path / 'afile' / 'runs'}",
+                                "tracking.enabled=false")
+    assert rc == 1 and secs < 15 and "cannot write to the run storage path" in out, out
+
+
+def _bad_dataset(tmp_path, how):
+    """A real digits shard set, damaged `how`; returns (uri, damaged shard file name)."""
+    import json
+
+    from shortcut_ray.shards import write_digits
+
+    uri = str(tmp_path / f"data-{how}")
+    manifest = write_digits(uri, 16)
+    name = manifest["shards"][0]["file"]
+    shard = tmp_path / f"data-{how}" / name
+    raw = bytearray(shard.read_bytes())
+    if how == "truncated":
+        shard.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif how == "flipped":
+        mid = len(raw) // 2
+        raw[mid: mid + 64] = bytes(b ^ 0xFF for b in raw[mid: mid + 64])
+        shard.write_bytes(bytes(raw))
+    elif how == "counts":
+        manifest["shards"][0]["rows"] += 7
+        (tmp_path / f"data-{how}" / "manifest.json").write_text(json.dumps(manifest))
+    return uri, name
+
+
+@pytest.mark.parametrize("how,says", [("truncated", "bytes"), ("flipped", "sha256"), ("counts", "rows")])
+def test_damaged_dataset_is_refused_on_the_driver_naming_the_shard(tmp_path, how, says):
+    """Point 6: checksums and counts in the manifest were never verified (a mismatch trained to the end);
+    a truncated shard failed with a raw ArrowInvalid that did not name the file."""
+    uri, name = _bad_dataset(tmp_path, how)
+    rc, out, secs = _train_main(tmp_path, "data.source=parquet", f"data.uri={uri}", "tracking.enabled=false")
+    assert rc == 1 and secs < 15, (rc, secs, out)
+    assert name in out and says in out and "re-run jobs.prepare_data" in out and "Traceback" not in out, out
+
+
+def test_resume_of_a_missing_run_lists_the_runs_it_can_see(tmp_path):
+    """Point 4: `--resume NAME` of a run that does not exist silently started a new run from step 0."""
+    (tmp_path / "runs" / "digits-shortcut-20261122-101500").mkdir(parents=True)
+    rc, out, secs = _train_main(tmp_path, "tracking.enabled=false", resume="digits-shortcut-2026112-101500")
+    assert rc == 1 and secs < 15
+    assert "no such run" in out and "digits-shortcut-20261122-101500" in out, out
+    assert not (tmp_path / "runs" / "digits-shortcut-2026112-101500").exists()
+
+
+def test_mlflow_trouble_mid_run_warns_keeps_metrics_and_catches_up(tmp_path, capsys):
+    """Point 3: MLflow trouble in the middle of a run must not kill training; metrics logged during the
+    outage arrive once the server answers again."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from shortcut_ray.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = MlflowTracker(uri, "mid-run")
+    tr.start("r", {})
+    tr.log_metrics({"train/loss": 1.0}, 1)
+    good = tr.client
+    tr.client = MlflowClient("http://127.0.0.1:9")  # the server goes away (nothing listens on port 9)
+    t0 = time.perf_counter()
+    tr.log_metrics({"train/loss": 2.0}, 2)
+    tr.log_image(__import__("numpy").zeros((4, 4, 3), "uint8"), "x.png")
+    tr.set_tags({"a": "b"})
+    assert time.perf_counter() - t0 < 30  # one failed call; the others skip during the outage
+    assert capsys.readouterr().err.count("training continues") == 1  # one warning per outage
+    tr.client = good  # back
+    tr.retry_after_s = 0.0  # (60 s in a run)
+    tr.log_metrics({"train/loss": 3.0}, 3)
+    hist = [(m.step, m.value) for m in good.get_metric_history(tr.run_id, "train/loss")]
+    assert sorted(hist) == [(1, 1.0), (2, 2.0), (3, 3.0)]
