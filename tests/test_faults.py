@@ -319,3 +319,42 @@ def test_mlflow_trouble_mid_run_warns_keeps_metrics_and_catches_up(tmp_path, cap
     tr.log_metrics({"train/loss": 3.0}, 3)
     hist = [(m.step, m.value) for m in good.get_metric_history(tr.run_id, "train/loss")]
     assert sorted(hist) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+# -- point 4/5: config validation -------------------------------------------------------------------------
+@pytest.mark.parametrize("override,says", [
+    ("objective.bootstrap_every=1", "nothing is learned"),
+    ("optim.lr=inf", "finite"), ("optim.lr=nan", "finite"),
+    ("train.max_failures=-5", "-1 for unlimited"),
+    ("train.run_name=../escaped", "one folder name"), ("train.run_name=a/b", "one folder name"),
+    ("train.run_name=..", "one folder name"),
+])
+def test_config_refuses_inputs_that_train_nothing_or_escape_storage(override, says):
+    from shortcut_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        apply_overrides(get_preset("debug_cpu"), [override])
+
+
+def test_config_accepts_the_edges_it_should():
+    cfg = apply_overrides(get_preset("debug_cpu"), ["train.max_failures=-1", "objective.bootstrap_every=2",
+                                                    "train.run_name=digits-shortcut-20261122-101500"])
+    assert cfg.train.max_failures == -1
+    apply_overrides(get_preset("debug_cpu"), ["objective.train_type=flow_matching", "objective.bootstrap_every=1"])
+
+
+def test_global_batch_suggestion_is_accepted():
+    """global_batch=63 with 2 workers suggested 62, which the bootstrap layout then rejected."""
+    import re as _re
+
+    from shortcut_ray.config import ConfigError
+
+    for bad in (63, 62, 50, 17):
+        cfg, msg = get_preset("debug_cpu"), ""
+        try:
+            apply_overrides(cfg, [f"train.global_batch={bad}"])
+            continue
+        except ConfigError as e:
+            msg = str(e)
+        suggested = int(_re.findall(r"(?:train.global_batch=|at least )(\d+)", msg)[-1])
+        assert apply_overrides(cfg, [f"train.global_batch={suggested}"]).train.global_batch == suggested, msg
