@@ -73,6 +73,38 @@ def save(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Opt
     return path
 
 
+STAGING_PREFIX = "shortcut-ckpt-"
+
+
+def staging_dir() -> str:
+    """A new local folder to write a checkpoint into before Ray uploads it; named after this process
+    so that `clean_stale_staging` can tell folders of dead processes (killed workers) from live ones."""
+    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+
+
+def clean_stale_staging(root: str | None = None) -> list[str]:
+    """Remove staging folders left in the temp dir by processes that no longer exist (a killed worker
+    never reaches its `finally`: 1.5 GB after six kills). Returns the removed paths."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        pid = name[len(STAGING_PREFIX):].split("-", 1)[0] if name.startswith(STAGING_PREFIX) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(os.path.join(root, name))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def save_local_atomic(final_dir: str, *args, **kwargs) -> str:
     """Single-process save that never leaves a half-written `final_dir` behind (tmp dir + rename)."""
     parent = os.path.dirname(os.path.abspath(final_dir)) or "."

@@ -131,6 +131,7 @@ class MlflowTracker:
         self._pending: list = []
         self._failing = False
         self._failed_at = 0.0
+        self._logged_through = -1
 
     def _try(self, what: str, fn, *args) -> bool:
         import time
@@ -156,12 +157,21 @@ class MlflowTracker:
                 self.client.get_run(run_id)
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
+                self._skip_through_logged_steps()
                 return run_id
             except Exception:  # the store was wiped or moved: start a fresh run, say why in a tag
                 tags = {**tags, "resumed_from_missing_run": run_id}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         return self.run_id
+
+    def _skip_through_logged_steps(self) -> None:
+        """A resumed run redoes the steps after its last checkpoint: metrics of steps MLflow already holds
+        are not logged twice (the redo draws the same noise, ALGORITHM §3); a tag says which were skipped."""
+        hist = self.client.get_metric_history(self.run_id, "train/loss")
+        self._logged_through = max((m.step for m in hist), default=-1)
+        if self._logged_through >= 0:
+            self.client.set_tag(self.run_id, "metrics.not_relogged_through_step", str(self._logged_through))
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -178,6 +188,8 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        if step <= self._logged_through:  # a redone step after a restore (see _skip_through_logged_steps)
+            metrics = {}
         self._pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(float(v))]
         self._pending = self._pending[-self.MAX_PENDING:]
         while self._pending:
@@ -201,6 +213,24 @@ class MlflowTracker:
         if self.run_id:
             self.log_metrics({}, 0)  # last chance for metrics kept during an outage
             self._try("set_terminated", lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def close_interrupted(cfg: TrackingConfig, ray_run_name: str, status: str = "KILLED", reason: str = "") -> int:
+    """Driver side: end the RUNNING MLflow runs of `ray_run_name` (its workers were killed with the
+    driver and could not) with `status`; returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return 0
+    runs = client.search_runs([exp.experiment_id], f"tags.ray_run_name = '{ray_run_name}' and "
+                                                   f"attributes.status = 'RUNNING'")
+    for r in runs:
+        if reason:
+            client.set_tag(r.info.run_id, "failure_reason", reason)
+        client.set_terminated(r.info.run_id, status=status)
+    return len(runs)
 
 
 def create_tracker(cfg: TrackingConfig, rank: int) -> Tracker:

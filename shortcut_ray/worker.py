@@ -52,6 +52,7 @@ class Runner:
             torch.cuda.set_device(self.device)
         self.state = TrainState.create(self.cfg, self.device)
         attach_teacher(self.state)  # CD / PD: frozen teacher + student from its checkpoint (teacher.py)
+        checkpoint.clean_stale_staging()  # left by workers killed mid-checkpoint
         self.epoch = 0
         meta = self._restore(loop_config.get("resume_from", ""))
         self._start_tracking_or_explain(meta.get("mlflow_run_id"))
@@ -292,7 +293,7 @@ class Runner:
         name = checkpoint.dir_name(step)
         uri = f"{self.checkpoint_root.rstrip('/')}/{name}" if self.checkpoint_root else name
         self.checkpoints = (self.checkpoints + [uri])[-50:]
-        tmp = tempfile.mkdtemp(prefix="shortcut-ckpt-")
+        tmp = checkpoint.staging_dir()
         try:
             checkpoint.save(tmp, self.state.model, self.state.ema, self.state.optimizer, step, self.cfg,
                             extra={"epoch": self.epoch, "mlflow_run_id": self.run_id, "run_name": self.run_name,

@@ -293,7 +293,17 @@ def test_resume_of_a_missing_run_lists_the_runs_it_can_see(tmp_path):
     assert not (tmp_path / "runs" / "digits-shortcut-2026112-101500").exists()
 
 
-def test_mlflow_trouble_mid_run_warns_keeps_metrics_and_catches_up(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory):
+    """One local MLflow store for the tracking tests of this module (creating one takes ~30 s here)."""
+    from shortcut_ray.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowTracker(uri, "warm-up")
+    return uri
+
+
+def test_mlflow_trouble_mid_run_warns_keeps_metrics_and_catches_up(sqlite_uri, capsys):
     """Point 3: MLflow trouble in the middle of a run must not kill training; metrics logged during the
     outage arrive once the server answers again."""
     import time
@@ -302,8 +312,7 @@ def test_mlflow_trouble_mid_run_warns_keeps_metrics_and_catches_up(tmp_path, cap
 
     from shortcut_ray.tracking import MlflowTracker
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tr = MlflowTracker(uri, "mid-run")
+    tr = MlflowTracker(sqlite_uri, "mid-run")
     tr.start("r", {})
     tr.log_metrics({"train/loss": 1.0}, 1)
     good = tr.client
@@ -358,3 +367,77 @@ def test_global_batch_suggestion_is_accepted():
             msg = str(e)
         suggested = int(_re.findall(r"(?:train.global_batch=|at least )(\d+)", msg)[-1])
         assert apply_overrides(cfg, [f"train.global_batch={suggested}"]).train.global_batch == suggested, msg
+
+
+def test_experiment_is_created_on_the_driver_with_durable_artifacts(sqlite_uri, tmp_path):
+    """Point 8 of the issue: created inside a Ray worker, the experiment's artifact location was the worker's
+    temporary directory (/tmp/ray/session_*/...); every later run of it wrote its grids there."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from shortcut_ray import preflight
+    from shortcut_ray.tracking import ensure_experiment
+
+    cfg = apply_overrides(get_preset("debug_cpu"), [f"tracking.tracking_uri={sqlite_uri}", "tracking.experiment=durable"])
+    preflight.check_tracking(cfg)
+    client = MlflowClient(sqlite_uri)
+    loc = client.get_experiment_by_name("durable").artifact_location
+    store_dir = os.path.dirname(sqlite_uri.removeprefix("sqlite:///"))
+    assert loc.removeprefix("file://") == os.path.join(store_dir, "mlartifacts", "durable"), loc
+    client.create_experiment("old", artifact_location="/tmp/ray/session_2026-11-22_10-15-00_1_1/artifacts/x/mlruns/1")
+    said: list[str] = []
+    ensure_experiment(apply_overrides(cfg, ["tracking.experiment=old"]).tracking, log=said.append)
+    assert len(said) == 1 and "temporary directory" in said[0] and "tracking.experiment" in said[0]
+
+
+def test_redone_steps_after_a_restore_are_not_logged_twice(sqlite_uri):
+    """Point 9: a restore redoes the steps after the last checkpoint; they were logged a second time."""
+    from shortcut_ray.tracking import MlflowTracker
+
+    first = MlflowTracker(sqlite_uri, "redo")
+    run_id = first.start("r", {})
+    for step in range(1, 8):
+        first.log_metrics({"train/loss": float(step)}, step)
+    again = MlflowTracker(sqlite_uri, "redo")  # the restarted rank 0, restored from the step-4 checkpoint
+    again.start("r", {}, run_id)
+    for step in range(5, 11):
+        again.log_metrics({"train/loss": 100.0 + step}, step)
+    hist = sorted((m.step, m.value) for m in again.client.get_metric_history(run_id, "train/loss"))
+    assert [s for s, _ in hist] == list(range(1, 11))
+    assert dict(hist)[7] == 7.0 and dict(hist)[8] == 108.0
+    assert again.client.get_run(run_id).data.tags["metrics.not_relogged_through_step"] == "7"
+
+
+def test_interrupted_runs_are_marked_killed(sqlite_uri):
+    """Point 9: an interrupted driver left its MLflow run RUNNING forever (its workers die with it)."""
+    from shortcut_ray.tracking import MlflowTracker, close_interrupted
+
+    cfg = apply_overrides(get_preset("debug_cpu"), [f"tracking.tracking_uri={sqlite_uri}", "tracking.experiment=kill"])
+    tr = MlflowTracker(sqlite_uri, "kill")
+    run_id = tr.start("r", {"ray_run_name": "victim"})
+    other = tr.start("o", {"ray_run_name": "bystander"})
+    assert close_interrupted(cfg.tracking, "victim", "KILLED", "the driver was interrupted") == 1
+    assert tr.client.get_run(run_id).info.status == "KILLED"
+    assert tr.client.get_run(other).info.status == "RUNNING"
+
+
+def test_staging_folders_of_dead_processes_are_cleaned(tmp_path):
+    """Point 9: killed workers left their checkpoint staging folders in /tmp (1.5 GB after six kills)."""
+    import os
+    import subprocess
+
+    from shortcut_ray import checkpoint
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{checkpoint.STAGING_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{checkpoint.STAGING_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "unrelated"
+    for d in (stale, live, other):
+        d.mkdir()
+    assert checkpoint.clean_stale_staging(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
+    mine = checkpoint.staging_dir()
+    os.rmdir(mine)
+    assert os.path.basename(mine).startswith(f"{checkpoint.STAGING_PREFIX}{os.getpid()}-")
