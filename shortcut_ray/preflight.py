@@ -67,8 +67,9 @@ def check_tracking(cfg: Config) -> None:
         folder = os.path.dirname(uri.removeprefix("sqlite:///")) or "."
         if not _writable_dir(folder):
             raise PermanentError(f"MLflow store {uri}: folder {folder} is not writable; {change}")
+    remote = uri.startswith(("http://", "https://"))  # a new local store takes its time (schema migrations)
     try:
-        _with_timeout(lambda: ensure_experiment(t), f"MLflow at {uri}")
+        _with_timeout(lambda: ensure_experiment(t), f"MLflow at {uri}") if remote else ensure_experiment(t)
     except PermanentError as e:
         raise PermanentError(f"{e}; {change}") from None
     except Exception as e:  # noqa: BLE001 - any MLflow failure here is the user's to fix

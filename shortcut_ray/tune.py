@@ -237,7 +237,7 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
     from ray import tune
 
     from . import data
-    from .launch import pyarrow_filesystem, resolve_runtime, storage_root
+    from .launch import preflight, pyarrow_filesystem, resolve_runtime, storage_root
     from .tracking import MlflowTracker
 
     if mode not in ("min", "max"):
@@ -256,6 +256,7 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
         base = read_base(f"{exp_uri}/{BASE_CONFIG_FILE}")
     else:
         base = _absolute(check_metric(resolve_runtime(base), metric))
+        preflight(base)  # tracking, storage, dataset: before any trial starts (PermanentError)
         base = _with(_with(base, "train.storage_path", root), "train.run_name", "")
         space = space if space is not None else default_space(base)
         domains = param_space(space, search)  # checked before anything is created: bad input fails here
