@@ -118,7 +118,8 @@ def check_dataset(uri: str, info: dict, log=print) -> None:
 
     fs, root = filesystem(uri)
     sizes = {os.path.basename(d["name"].rstrip("/")): d.get("size") for d in fs.ls(root, detail=True)}
-    fix = "the shards changed after writing or were copied incompletely; re-run jobs.prepare_data"
+    redo = "jobs.generate_pairs (it regenerates bad shards)" if info.get("paired") else "jobs.prepare_data"
+    fix = f"the shards changed after writing or were copied incompletely; re-run {redo}"
     total = sum(s["bytes"] for s in info["shards"])
     for s in info["shards"]:
         path, where = join_uri(root, s["file"]), join_uri(uri, s["file"])
