@@ -461,7 +461,7 @@ def test_checkpoint_of_another_model_size_fails_once_with_a_clear_message(tmp_pa
 
 
 @pytest.mark.slow
-def test_interrupted_driver_marks_its_mlflow_run_killed(tmp_path, sqlite_uri):
+def test_interrupted_driver_marks_its_mlflow_run_killed(tmp_path, sqlite_uri, local_ray):
     """Point 9: Ctrl-C on `python -m jobs.train` left its MLflow run RUNNING forever."""
     import os
     import signal
@@ -472,8 +472,10 @@ def test_interrupted_driver_marks_its_mlflow_run_killed(tmp_path, sqlite_uri):
     from mlflow.tracking import MlflowClient
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root}
-    env.pop("RAY_ADDRESS", None)
+    import ray
+
+    # the driver joins this module's cluster: a second local cluster did not start in time at load 50
+    env = {**os.environ, "PYTHONPATH": root, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.train", "--preset", "debug_cpu", "--set", "train.max_steps=100000",
          "--set", "train.sample_every=0", "--set", "train.checkpoint_every=0", "--set", "train.num_workers=1",
