@@ -1,6 +1,7 @@
 r"""FID (and the pixel-space FD proxy) of a checkpoint at each requested step count, logged to MLflow.
 
     python -m jobs.evaluate runs/RUN/checkpoint_0001500 --steps 1,4,128 --samples 2048
+    python -m jobs.evaluate runs/RUN/checkpoint_0001500/weights.safetensors --steps 1,4   # portable export
     python -m jobs.evaluate gs://BUCKET/runs/RUN/checkpoint_0100000 --samples 50000 \
         --fid-weights gs://BUCKET/weights/fid_inception_v3.pt --set train.num_workers=8 --set train.use_gpu=true
     python -m jobs.evaluate imported/celeba_dit_b --fid-ref-stats celeba256_fidstats_ours.npz \
@@ -23,13 +24,20 @@ import os
 import sys
 import tempfile
 
+from shortcut_ray import checkpoint
 from shortcut_ray.config import Config, apply_overrides
-from shortcut_ray.storage import filesystem, join_uri
+from shortcut_ray.faults import PermanentError, explain
+from shortcut_ray.storage import filesystem, is_remote, join_uri
 
 
 def read_state(uri: str) -> dict:
+    if not is_remote(uri) or uri.endswith(".safetensors"):
+        return checkpoint.read_state(checkpoint.local_copy(uri))
     fs, path = filesystem(uri)
-    return json.loads(fs.cat_file(join_uri(path, "state.json")))
+    try:
+        return json.loads(fs.cat_file(join_uri(path, "state.json")))
+    except FileNotFoundError:
+        raise PermanentError(f"{uri} has no state.json: not a shortcut-ray checkpoint") from None
 
 
 def main(argv=None) -> int:
@@ -43,7 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--weights", choices=("online", "ema"), default="", help="sample with these weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config")
     args = p.parse_args(argv)
-    meta = read_state(args.checkpoint)
+    try:
+        meta = read_state(args.checkpoint)
+    except PermanentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     sets = list(args.set)
     if args.steps:
         sets.append(f"eval.fid_steps={args.steps}")
@@ -61,9 +73,10 @@ def main(argv=None) -> int:
     from shortcut_ray.launch import build_evaluator, ensure_ray
 
     ensure_ray()
-    result = build_evaluator(cfg, args.checkpoint).fit()
-    if result.error:
-        print(f"[shortcut-ray] evaluation failed: {result.error}", file=sys.stderr)
+    try:
+        result = build_evaluator(cfg, args.checkpoint).fit()
+    except Exception as e:  # noqa: BLE001 - Train V2's fit() raises on worker errors: say the root cause
+        print(f"[shortcut-ray] evaluation failed: {explain(e)}", file=sys.stderr)
         return 1
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, "eval.json")) as f:

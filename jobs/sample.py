@@ -4,6 +4,7 @@ r"""Sample images from a checkpoint at any step count and guidance scale.
     python -m jobs.sample gs://BUCKET/runs/RUN/checkpoint_0020000 --steps 1 --n 64 --cfg-scale 1.5 --labels 3
     python -m jobs.sample CKPT --steps 3 --images     # one PNG per sample instead of a grid
     python -m jobs.sample CKPT --steps 1,128 --raw    # N{n}.npy in model space (latents not decoded)
+    python -m jobs.sample CKPT/weights.safetensors --steps 1,4   # the portable export (no pickle)
 
 The same noise (--seed) is used for every step count, so grids at different N compare sample by
 sample. Any integer N in 1..M is accepted (non-powers of two use the rule in shortcut_ray/sampler.py).
@@ -18,10 +19,10 @@ import sys
 import numpy as np
 import torch
 
-from shortcut_ray.checkpoint import load_for_inference
+from shortcut_ray.checkpoint import load_for_inference, local_copy  # PermanentError when missing
+from shortcut_ray.faults import PermanentError
 from shortcut_ray.objectives import for_sampling
 from shortcut_ray.sampler import fixed_noise, sample
-from shortcut_ray.storage import local_copy
 from shortcut_ray.tracking import image_grid, png_bytes
 
 
@@ -40,7 +41,11 @@ def main(argv=None) -> int:
                                                       "(latents undecoded, any channel count), instead of PNGs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    model, cfg, meta = load_for_inference(local_copy(args.checkpoint), args.weights)
+    try:
+        model, cfg, meta = load_for_inference(local_copy(args.checkpoint), args.weights)
+    except PermanentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     model.to(args.device)
     d = cfg.data
     noise = fixed_noise((args.n, d.channels, d.image_size, d.image_size), args.seed, args.device)

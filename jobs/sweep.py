@@ -29,6 +29,7 @@ import json
 import sys
 
 from shortcut_ray.config import ConfigError, apply_overrides
+from shortcut_ray.faults import PermanentError
 from shortcut_ray.presets import PRESETS, get_preset
 
 
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PermanentError as e:  # the driver-side checks (tracking, storage, dataset) said what to change
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         import ray
 

@@ -14,9 +14,11 @@ shorthand for `--set train.run_name=NAME`. To warm-start a new run from another 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from shortcut_ray.config import ConfigError, apply_overrides
+from shortcut_ray.faults import explain
 from shortcut_ray.presets import PRESETS, get_preset
 
 
@@ -56,15 +58,44 @@ def main(argv=None) -> int:
           f"{'GPU' if t.use_gpu else 'CPU'} worker(s); checkpoints in {storage_root(cfg)}/{t.run_name}, "
           f"MLflow {cfg.tracking.tracking_uri} (experiment {cfg.tracking.experiment})", flush=True)
     print("[shortcut-ray] starting Ray (first start: ~10-30 s) ...", flush=True)
-    result = fit(cfg)
-    if result.error:
-        print(f"[shortcut-ray] run {t.run_name} failed: {result.error}", file=sys.stderr)
+    old_term = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM (job stop, kill) ends like Ctrl-C
+    try:
+        result = fit(cfg, resume=bool(args.resume))
+    except (KeyboardInterrupt, SystemExit):  # Train V2's SIGINT handler aborts the run, may sys.exit(0)
+        return _interrupted(cfg)
+    except Exception as e:  # noqa: BLE001 - Train V2's fit() raises on worker errors: say the root cause
+        print(f"[shortcut-ray] run {cfg.train.run_name} failed: {explain(e)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    if result.error:
+        print(f"[shortcut-ray] run {cfg.train.run_name} failed: {explain(result.error)}", file=sys.stderr)
+        return 1
+    if (result.metrics or {}).get("step", cfg.train.max_steps) < cfg.train.max_steps:  # aborted by Ctrl-C
+        return _interrupted(cfg)
     ckpt = result.checkpoint.path if result.checkpoint else None
     metrics = result.metrics or {}
     for line in summary_lines(t.run_name, ckpt, metrics, cfg.tracking.tracking_uri, str(metrics.get("model_uri", ""))):
         print(f"[shortcut-ray] {line}")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupted(cfg) -> int:
+    """Mark the run's MLflow run KILLED (its workers died with the driver) and say how to continue."""
+    if cfg.tracking.enabled:
+        from shortcut_ray.tracking import close_interrupted
+
+        try:
+            close_interrupted(cfg.tracking, cfg.train.run_name, "KILLED", "the driver was interrupted")
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            print(f"[shortcut-ray] warning: could not mark the MLflow run KILLED: {e}", file=sys.stderr)
+    print(f"[shortcut-ray] run {cfg.train.run_name} interrupted; continue it with --resume {cfg.train.run_name}",
+          file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 # The override path (and the error type) lives in overrides.py; importable from here as well.
@@ -21,6 +22,9 @@ from .overrides import ConfigError, apply_overrides, coerce, field_type, from_di
     parse_value
 
 REEXPORTED = (apply_overrides, coerce, field_type, override, parse_overrides, parse_value)
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.=+-]+")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -136,7 +140,8 @@ class OptimConfig:
     """Global grad-norm clip; <= 0 disables (official: none)."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be a finite number > 0, got {self.lr}")
+        _check(math.isfinite(self.grad_clip), f"optim.grad_clip must be finite (<= 0 disables), got {self.grad_clip}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -247,9 +252,12 @@ class TrainConfig:
         _check(self.global_batch >= 1, f"train.global_batch must be >= 1, got {self.global_batch}")
         _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
         _check(self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers}")
-        _check(self.global_batch % self.num_workers == 0,
-               f"train.global_batch ({self.global_batch}) must be divisible by train.num_workers "
-               f"({self.num_workers}); e.g. set train.global_batch={self.num_workers * max(1, self.global_batch // self.num_workers)}")
+        # global_batch % num_workers is checked in Config, which can suggest a value every check accepts
+        _check(self.max_failures >= -1, f"train.max_failures must be >= 0, or -1 for unlimited restarts "
+                                        f"(Ray's FailureConfig), got {self.max_failures}")
+        _check(not self.run_name or (_RUN_NAME.fullmatch(self.run_name) is not None and set(self.run_name) != {"."}),
+               f"train.run_name {self.run_name!r} must be one folder name (letters, digits, '.', '_', '-', '='; "
+               f"no '/' or '..'): it is a folder under train.storage_path")
         _check(self.precision in ("auto", "bf16", "fp32"),
                f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         compile_mode = {True: "on", False: "off", "true": "on", "false": "off"}.get(
@@ -349,10 +357,16 @@ class Config:
         for n in self.eval.sample_steps + self.eval.fid_steps:
             _check(n <= m, f"eval step count {n} exceeds objective.denoise_timesteps ({m}); "
                            f"the model was never trained on steps smaller than 1/{m}")
+        gb, nw = self.train.global_batch, self.train.num_workers
+        _check(gb % nw == 0, f"train.global_batch ({gb}) must be divisible by train.num_workers ({nw}); e.g. set "
+                             f"train.global_batch={_suggest_global_batch(self.objective, gb, nw)}")
         if self.objective.train_type == "shortcut":
-            _validate_bootstrap_layout(self.objective, self.train.global_batch, self.train.num_workers)
+            _check(self.objective.bootstrap_every >= 2,
+                   "objective.bootstrap_every=1 makes every row a self-consistency row: no row gets the flow-matching "
+                   "loss, the loss is exactly 0 and nothing is learned; use >= 2 (official: 8)")
+            _validate_bootstrap_layout(self.objective, gb, nw)
         elif self.objective.train_type == "live_reflow":
-            _validate_reflow_layout(self.objective, self.train.global_batch, self.train.num_workers)
+            _validate_reflow_layout(self.objective, gb, nw)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -393,13 +407,34 @@ def _validate_bootstrap_layout(obj: ObjectiveConfig, global_batch: int, world: i
            f"{b_b} bootstrap rows, fewer than the {need} needed to give each of the {levels} step levels "
            f"at least one row (bootstrap_dt_bias={obj.bootstrap_dt_bias}); with this the paper's code "
            f"silently trains only d=1. Raise train.global_batch to at least "
-           f"{need * obj.bootstrap_every} or lower objective.bootstrap_every.")
+           f"{_suggest_global_batch(obj, max(global_batch, need * obj.bootstrap_every), world)} or lower "
+           f"objective.bootstrap_every.")
     _check(b_b % world == 0,
            f"the {b_b} bootstrap rows (train.global_batch // objective.bootstrap_every) must split evenly over "
-           f"train.num_workers={world}; choose train.global_batch as a multiple of "
-           f"{obj.bootstrap_every * world}")
+           f"train.num_workers={world}; e.g. set train.global_batch={_suggest_global_batch(obj, global_batch, world)}")
     _check(not obj.bootstrap_cfg or obj.class_conditional,
            "objective.bootstrap_cfg needs class labels; set objective.class_conditional=true or bootstrap_cfg=false")
+
+
+def _suggest_global_batch(obj: ObjectiveConfig, global_batch: int, world: int) -> int:
+    """The accepted global batch nearest to `global_batch` (the larger on a tie): divisible by the workers
+    and, for shortcut / live reflow, a valid bootstrap / reflow layout."""
+    def ok(b: int) -> bool:
+        if b < 1 or b % world:
+            return False
+        b_b = bootstrap_batch(obj, b)  # the checks of the layout validators below that depend on b
+        if obj.train_type == "live_reflow":
+            return b_b >= 1 and b_b % world == 0
+        if obj.train_type != "shortcut":
+            return True
+        per_level = b_b // obj.num_levels if obj.bootstrap_dt_bias == 0 else (b_b // 2) // obj.num_levels
+        return per_level >= 1 and b_b % world == 0
+
+    for delta in range(0, 1 << 13):
+        for b in (global_batch + delta, global_batch - delta):
+            if ok(b):
+                return b
+    return global_batch
 
 
 def _validate_reflow_layout(obj: ObjectiveConfig, global_batch: int, world: int) -> None:
@@ -407,5 +442,5 @@ def _validate_reflow_layout(obj: ObjectiveConfig, global_batch: int, world: int)
     b_b = bootstrap_batch(obj, global_batch)
     _check(b_b >= 1 and b_b % world == 0,
            f"live reflow needs train.global_batch // objective.bootstrap_every = {b_b} reflow rows to be >= 1 "
-           f"and to split evenly over train.num_workers={world}; choose train.global_batch as a multiple of "
-           f"{obj.bootstrap_every * world}")
+           f"and to split evenly over train.num_workers={world}; e.g. set "
+           f"train.global_batch={_suggest_global_batch(obj, global_batch, world)}")

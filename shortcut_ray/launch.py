@@ -41,13 +41,13 @@ def resolve_runtime(cfg: Config) -> Config:
 def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for a resolved config (see resolve_runtime)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from . import data
     from .pairs import check_paired
     from .shards import dataset_info
     from .teacher import check_teacher
     from .console import configure_data_context, train_logging_config
+    from .ray_trainer import ShortcutTrainer as TorchTrainer
     from .worker import train_loop_per_worker
 
     check_teacher(cfg)  # distillation: the teacher checkpoint exists and matches (before any Ray work)
@@ -79,9 +79,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
 def build_evaluator(cfg: Config, checkpoint_uri: str):
     """A TorchTrainer that evaluates `checkpoint_uri` (every worker samples; see worker.evaluate_loop_per_worker)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
-
     from . import data
+    from .ray_trainer import ShortcutTrainer as TorchTrainer
     from .worker import evaluate_loop_per_worker
 
     uri = data.resolve_dataset(cfg.data)
@@ -97,12 +96,22 @@ def build_evaluator(cfg: Config, checkpoint_uri: str):
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
 
 
-def fit(cfg: Config):
-    """Run (or resume) training; returns the ray.train.Result."""
+def preflight(cfg: Config, resume: bool = False, log=print) -> None:
+    """Driver-side checks before any worker starts (preflight.py): PermanentError in seconds."""
+    from . import data, preflight as checks
+    from .shards import dataset_info
+
+    uri = data.resolve_dataset(cfg.data)
+    checks.run(cfg, storage_root(cfg), uri, dataset_info(uri), resume=resume, log=log)
+
+
+def fit(cfg: Config, resume: bool = False):
+    """Run (or resume: the run must exist) training; returns the ray.train.Result."""
     from .teacher import check_teacher
 
     check_teacher(cfg)  # fail before starting Ray (build_trainer checks again: Tune calls it directly)
-    if cfg.tracking.enabled:  # the experiment is created here, so a local store's artifacts go to the driver's
-        MlflowTracker(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment)  # ./mlruns, not Ray's session dir
+    preflight(cfg, resume)  # tracking reachable, experiment created here (durable artifacts), storage, data
+    if cfg.tracking.enabled:  # sets the experiment's UI kind tag once
+        MlflowTracker(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment)
     ensure_ray(progress_bars=cfg.train.progress_bars)
     return build_trainer(cfg).fit()

@@ -138,11 +138,13 @@ def load_weights(path: str, modules: dict[str, nn.Module]) -> None:
     """Load checkpoint entries ('model', 'ema', ...) into modules, plain or FSDP2-sharded (DCP reshards).
 
     Every rank calls this when a process group exists (DCP load is collective)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    from . import safe_dcp
+
     state = {key: get_model_state_dict(m) for key, m in modules.items()}
-    dcp.load(state, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
+    # never unpickle code from a checkpoint (allow-listed metadata, weights_only entries: safe_dcp.py)
+    safe_dcp.load(state, path, no_dist=not (dist.is_available() and dist.is_initialized()))
     for key, m in modules.items():
         set_model_state_dict(m, state[key])
 

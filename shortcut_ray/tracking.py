@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import sys
 from typing import Protocol
 
 import numpy as np
@@ -78,14 +80,61 @@ def resolve_tracking_uri(cfg: TrackingConfig, cwd: str | None = None) -> str:
 
 # MLflow 3's UI shows an experiment without this tag in its GenAI view ("Evaluation runs"); screenshot check
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+def artifact_root(tracking_uri: str) -> str | None:
+    """Durable artifact folder for a local sqlite store: `mlartifacts` beside the database file (what
+    `mlflow server` uses by default). None: the store or server decides."""
+    if tracking_uri.startswith("sqlite:///"):
+        return os.path.join(os.path.dirname(tracking_uri.removeprefix("sqlite:///")), "mlartifacts")
+    return None
+
+
+def is_temporary(location: str) -> bool:
+    """An artifact location inside a Ray session's temporary directory (gone with Ray's temp files)."""
+    return bool(re.search(r"/ray/session_[^/]+/", location or ""))
+
+
+def ensure_experiment(cfg: TrackingConfig, log=print) -> str:
+    """Create the experiment on the driver, with a durable artifact location for a local store (created
+    inside a Ray worker, its artifacts went to the worker's temporary working directory); report an
+    existing experiment whose artifacts go to a temporary directory. Returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        root = artifact_root(cfg.tracking_uri)
+        where = os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.experiment)) if root else None
+        return client.create_experiment(cfg.experiment, artifact_location=where)
+    if is_temporary(exp.artifact_location):
+        log(f"[shortcut-ray] warning: MLflow experiment {cfg.experiment!r} stores its artifacts in a temporary "
+            f"directory ({exp.artifact_location}) that disappears with Ray's temp files; use a new experiment "
+            f"(--set tracking.experiment=NAME), which gets a durable folder beside the store")
+    return exp.experiment_id
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"[shortcut-ray] warning: {message}\n")
+    sys.stderr.flush()
 
 
 class MlflowTracker:
-    """MLflow through an explicit MlflowClient (no global active-run state inside Ray workers)."""
+    """MLflow through an explicit MlflowClient (no global active-run state inside Ray workers).
+
+    Trouble with the server after the start never stops training: a failed call warns (once per
+    outage), metrics are kept (up to MAX_PENDING) and sent with the next call that succeeds, images
+    and dicts of the outage are dropped. During an outage the server is tried again at most every
+    retry_after_s, so a dead server stalls a step for one HTTP timeout at most that often; HTTP
+    retries are capped (MLflow's default retries a dead server for ~4 minutes per call)."""
+
+    MAX_PENDING = 100_000
+    retry_after_s = 60.0
 
     def __init__(self, tracking_uri: str, experiment: str):
         import logging
 
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -93,11 +142,34 @@ class MlflowTracker:
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        if not exp or EXPERIMENT_KIND[0] not in exp.tags:  # the UI opens it in its "Model training" view
+        self.experiment_id = ensure_experiment(TrackingConfig(tracking_uri=tracking_uri, experiment=experiment),
+                                               log=_warn)
+        exp = self.client.get_experiment(self.experiment_id)
+        if EXPERIMENT_KIND[0] not in exp.tags:  # the UI opens it in its "Model training" view
             self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self.run_id: str | None = None
+        self._pending: list = []
+        self._failing = False
+        self._failed_at = 0.0
+        self._logged_through = -1
+
+    def _try(self, what: str, fn, *args) -> bool:
+        import time
+
+        if self._failing and time.monotonic() - self._failed_at < self.retry_after_s:
+            return False  # in an outage: do not stall training on every call
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - tracking trouble must not stop training
+            if not self._failing:
+                _warn(f"MLflow {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                      f"training continues, metrics are kept and sent when {self.tracking_uri} answers again")
+            self._failing, self._failed_at = True, time.monotonic()
+            return False
+        if self._failing:
+            _warn(f"MLflow at {self.tracking_uri} answers again")
+        self._failing = False
+        return True
 
     def start(self, run_name: str, tags: dict[str, str], run_id: str | None = None) -> str:
         if run_id:
@@ -105,12 +177,21 @@ class MlflowTracker:
                 self.client.get_run(run_id)
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
+                self._skip_through_logged_steps()
                 return run_id
             except Exception:  # the store was wiped or moved: start a fresh run, say why in a tag
                 tags = {**tags, "resumed_from_missing_run": run_id}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         return self.run_id
+
+    def _skip_through_logged_steps(self) -> None:
+        """A resumed run redoes the steps after its last checkpoint: metrics of steps MLflow already holds
+        are not logged twice (the redo draws the same noise, ALGORITHM §3); a tag says which were skipped."""
+        hist = self.client.get_metric_history(self.run_id, "train/loss")
+        self._logged_through = max((m.step for m in hist), default=-1)
+        if self._logged_through >= 0:
+            self.client.set_tag(self.run_id, "metrics.not_relogged_through_step", str(self._logged_through))
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -119,7 +200,7 @@ class MlflowTracker:
         existing = self.client.get_run(self.run_id).data.params
         items = [p for p in items if p.key not in existing]  # params are immutable; a resume re-logs them
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self._try("log_params", lambda chunk: self.client.log_batch(self.run_id, params=chunk), items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -127,26 +208,35 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(float(v))]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+        if step <= self._logged_through:  # a redone step after a restore (see _skip_through_logged_steps)
+            metrics = {}
+        self._pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(float(v))]
+        self._pending = self._pending[-self.MAX_PENDING:]
+        while self._pending:
+            if not self._try("log_metrics", lambda chunk: self.client.log_batch(self.run_id, metrics=chunk),
+                             self._pending[:500]):
+                return
+            del self._pending[:500]
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        self._try("log_image", lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self._try("log_dict", lambda: self.client.log_dict(self.run_id, data, artifact_file))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            if not self._try("set_tag", self.client.set_tag, self.run_id, k, str(v)):
+                return
 
     def end(self, status: str = "FINISHED") -> None:
         if getattr(self, "_system_monitor", None) is not None:
             self._system_monitor.finish()
             self._system_monitor = None
         if self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+            self.log_metrics({}, 0)  # last chance for metrics kept during an outage
+            self._try("set_terminated", lambda: self.client.set_terminated(self.run_id, status=status))
+
 
     # -- issue 14: dataset input, system metrics, the generator as a registered pyfunc model -------------
     def log_dataset(self, uri: str, manifest: dict, name: str) -> None:
@@ -261,6 +351,24 @@ def MlflowClientFor(tracking_uri: str):  # noqa: N802 - reads like the class it 
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def close_interrupted(cfg: TrackingConfig, ray_run_name: str, status: str = "KILLED", reason: str = "") -> int:
+    """Driver side: end the RUNNING MLflow runs of `ray_run_name` (its workers were killed with the
+    driver and could not) with `status`; returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return 0
+    runs = client.search_runs([exp.experiment_id], f"tags.ray_run_name = '{ray_run_name}' and "
+                                                   f"attributes.status = 'RUNNING'")
+    for r in runs:
+        if reason:
+            client.set_tag(r.info.run_id, "failure_reason", reason)
+        client.set_terminated(r.info.run_id, status=status)
+    return len(runs)
 
 
 def create_tracker(cfg: TrackingConfig, rank: int) -> Tracker:

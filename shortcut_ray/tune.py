@@ -230,7 +230,7 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
     from ray import tune
 
     from . import data
-    from .launch import resolve_runtime, storage_root
+    from .launch import preflight, resolve_runtime, storage_root
     from .storage import pyarrow_filesystem
     from .tracking import MlflowTracker
 
@@ -250,6 +250,7 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
         base = read_base(f"{exp_uri}/{BASE_CONFIG_FILE}")
     else:
         base = _absolute(check_metric(resolve_runtime(base), metric))
+        preflight(base)  # tracking, storage, dataset: before any trial starts (PermanentError)
         base = override(base, {"train.storage_path": root, "train.run_name": ""})
         space = space if space is not None else default_space(base)
         domains = param_space(space, search)  # checked before anything is created: bad input fails here

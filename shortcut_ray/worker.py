@@ -22,6 +22,8 @@ import torch
 from . import checkpoint, data
 from .config import Config
 from .distributed import all_gather_rows, all_reduce_mean
+from .faults import PermanentError
+from .guard import FiniteGuard
 from .model import flops_per_forward
 from .optim import lr_at
 from .progress import Progress
@@ -52,11 +54,12 @@ class Runner:
             torch.cuda.set_device(self.device)
         self.state = TrainState.create(self.cfg, self.device)
         attach_teacher(self.state)  # CD / PD: frozen teacher + student from its checkpoint (teacher.py)
+        checkpoint.clean_stale_staging()  # left by workers killed mid-checkpoint
         self.epoch = 0
         meta = self._restore(loop_config.get("resume_from", ""))
-        self.tracker = create_tracker(self.cfg.tracking, self.rank) if self.cfg.tracking.enabled else NullTracker()
-        self._start_tracking(meta.get("mlflow_run_id"))
+        self._start_tracking_or_explain(meta.get("mlflow_run_id"))
         self.checkpoints: list[str] = list(meta.get("checkpoints", []))
+        self.guard = FiniteGuard(self.device)
         self.evaluator = None
         self.reference: list[torch.Tensor] = []  # real images for eval statistics, collected while training
         if self.cfg.train.eval_every > 0:
@@ -89,6 +92,22 @@ class Runner:
             meta.pop("mlflow_run_id", None)
             meta.pop("checkpoints", None)
         return meta
+
+    def _start_tracking_or_explain(self, run_id: str | None) -> None:
+        """MLflow down at the start of a run is permanent (the driver checked it seconds ago: fix the server
+        or the URI); at a restart mid-run it only warns and the run trains on untracked."""
+        try:
+            self.tracker = create_tracker(self.cfg.tracking, self.rank) if self.cfg.tracking.enabled else NullTracker()
+            self._start_tracking(run_id)
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            if self.state.step == 0:
+                raise PermanentError(f"MLflow at {self.cfg.tracking.tracking_uri} failed at the start of the run "
+                                     f"({why}); fix the server or tracking.tracking_uri, or set "
+                                     f"tracking.enabled=false") from None
+            _say(f"[shortcut-ray] warning: MLflow failed on restart ({why}); training continues without tracking")
+            self.tracker = NullTracker()
+            self.run_id = run_id
 
     def _start_tracking(self, run_id: str | None) -> None:
         cfg = self.cfg
@@ -168,6 +187,7 @@ class Runner:
                     metrics = st.step_on(*batch)
                     self.last_batch = batch  # real rows for the eval-time diagnostics (a reference, no copy)
                     _maybe_inject_fault(st.step, self.rank)
+                    self._guard_step(metrics, last)
                     self._collect_reference(batch[0])
                     steps_since += 1
                     steps_this_epoch += 1
@@ -193,11 +213,41 @@ class Runner:
                     raise ValueError(f"the dataset yields no full batch of {st.local_batch} rows per worker; "
                                      f"lower train.global_batch or use more data")
             self.tracker.end("FINISHED")
-        except BaseException:
-            self.tracker.end("FAILED")
+        except BaseException as e:
+            self._fail_tracking(e)
             raise
         finally:
             stream.close()
+
+    # -- divergence (guard.py) -----------------------------------------------------------------------
+    def _guard_step(self, metrics: dict, last: int) -> None:
+        """Stop before any action of a step whose loss/gradients (or, at checkpoint steps, weights) are
+        non-finite; the device-side flag is read only at the guard's check steps."""
+        step = self.state.step
+        self.guard.observe(step, metrics)
+        if FiniteGuard.due(step, last, self.cfg.train):
+            ckpt_due = _due(self.cfg.train.checkpoint_every, step, last)
+            self.guard.check(step, self.state.model if ckpt_due else None, self._divergence_message)
+
+    def _divergence_message(self, first_bad: int, step: int) -> str:
+        good = self.checkpoints[-1] if self.checkpoints else None
+        where = (f"The last good checkpoint is {good} (nothing after it was saved, so Ray's rotation kept it)."
+                 if good else "No checkpoint of this run was saved before it.")
+        again = (f"resume from it with `python -m jobs.train --resume {self.run_name} --set optim.lr=...`"
+                 if good else "start a new run")
+        return (f"training diverged: the loss or gradient norm became non-finite (nan/inf) at step {first_bad} "
+                f"(found at the check of step {step}) in run {self.run_name}. {where} To continue, lower "
+                f"optim.lr (now {self.cfg.optim.lr:g}) or set optim.grad_clip > 0 (now {self.cfg.optim.grad_clip:g}), "
+                f"then {again}.")
+
+    def _fail_tracking(self, error: BaseException) -> None:
+        """Mark the MLflow run FAILED with the reason (KILLED when interrupted); never mask `error`."""
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        try:
+            self.tracker.set_tags({"failure_reason": f"{type(error).__name__}: {error}"[:4000]})
+            self.tracker.end(status)
+        except Exception as e:  # noqa: BLE001 - the tracking server may be the thing that failed
+            _say(f"[shortcut-ray] warning: could not mark the MLflow run {status}: {e}")
 
     def _flops_per_image(self) -> float:
         """Training FLOPs per image: 3x forward for the online pass (fwd + bwd) plus the objective's extra
@@ -327,7 +377,7 @@ class Runner:
         name = checkpoint.dir_name(step)
         uri = f"{self.checkpoint_root.rstrip('/')}/{name}" if self.checkpoint_root else name
         self.checkpoints = (self.checkpoints + [uri])[-50:]
-        tmp = tempfile.mkdtemp(prefix="shortcut-ckpt-")
+        tmp = checkpoint.staging_dir()
         try:
             checkpoint.save(tmp, self.state.model, self.state.ema, self.state.optimizer, step, self.cfg,
                             extra={"epoch": self.epoch, "mlflow_run_id": self.run_id, "run_name": self.run_name,
@@ -449,9 +499,12 @@ def evaluate_loop_per_worker(loop_config: dict) -> None:
     state = TrainState.create(cfg, device)
     from .storage import pyarrow_filesystem
 
-    fs, path = pyarrow_filesystem(loop_config["checkpoint"])
-    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-        meta = checkpoint.load(d, state.model, state.ema, state.optimizer)
+    if loop_config["checkpoint"].endswith(".safetensors"):  # the portable export: weights only
+        meta = checkpoint.load_weights(checkpoint.local_copy(loop_config["checkpoint"]), state.model, state.ema)
+    else:
+        fs, path = pyarrow_filesystem(loop_config["checkpoint"])
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+            meta = checkpoint.load(d, state.model, state.ema, state.optimizer)
     ev = Evaluator(cfg, device, rank, world)
     real, seen = [], 0
     for x, *_ in data.batches(ray.train.get_dataset_shard("train"), state.local_batch, cfg.data, device):

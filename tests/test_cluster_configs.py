@@ -190,3 +190,69 @@ def test_readme_commands_reference_the_entry_points():
     assert "--runtime-env cluster/runtime_env.yaml" in text
     assert "python -m jobs.train --preset" in text
     assert "kubectl apply -f cluster/kuberay-rayjob.yaml" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# Safe by default (issue: security defaults): nothing reachable from outside the cluster's network
+
+
+def _docs(name: str) -> list[dict]:
+    with open(CLUSTER / name) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def _walk(node):
+    """Every (key, value) pair in a nested YAML document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+def test_gcp_nodes_have_no_external_ip(offline):
+    raw = _load("gcp.yaml")
+    assert raw["provider"]["use_internal_ips"] is True
+    config = _prepared_gcp()
+    for name, t in config["available_node_types"].items():
+        for nic in t["node_config"]["networkInterfaces"]:
+            assert not nic.get("accessConfigs"), f"{name} gets an external IP"
+    commands = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert "0.0.0.0" not in commands  # dashboard / metrics stay on the default (localhost / internal)
+
+
+def test_kuberay_exposes_nothing_outside_the_cluster():
+    for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml"):
+        for doc in _docs(name):
+            for key, value in _walk(doc):
+                assert not (key in ("serviceType", "type") and value in ("LoadBalancer", "NodePort")), name
+            env = [v for k, v in _walk(doc) if k == "env"]
+            for block in env:
+                for e in block:
+                    if e["name"] == "MLFLOW_TRACKING_URI":
+                        assert ".svc.cluster.local" in e["value"] or e["value"].startswith("https://"), e
+
+
+def test_kuberay_network_policy_admits_only_ray_pods():
+    (policy,) = _docs("kuberay-networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["apiVersion"] == "networking.k8s.io/v1"
+    ray_pods = {"ray.io/is-ray-node": "yes"}
+    assert policy["spec"]["podSelector"]["matchLabels"] == ray_pods
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for rule in policy["spec"]["ingress"]:
+        peers = rule["from"]
+        if rule.get("ports"):  # a rule that opens ports to more than Ray pods: only the token-authenticated API
+            assert [p["port"] for p in rule["ports"]] == [8265]
+        else:
+            assert peers == [{"podSelector": {"matchLabels": ray_pods}}]
+    assert "kubectl apply -f cluster/kuberay-networkpolicy.yaml" in (CLUSTER / "README.md").read_text()
+
+
+def test_runtime_env_mlflow_is_cluster_internal_and_readme_says_how_to_reach_it():
+    env = _load("runtime_env.yaml")
+    assert "INTERNAL" in env["env_vars"]["MLFLOW_TRACKING_URI"] or env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("https://")
+    text = (CLUSTER / "README.md").read_text()
+    assert "--tunnel-through-iap" in text and "kubectl port-forward" in text and "basic-auth" in text
+    assert "35.235.240.0/20" in text and "0.0.0.0/0" not in text.replace("not 0.0.0.0/0", "")
