@@ -111,3 +111,50 @@ def imagenet256_dit_b() -> Config:
 def imagenet256_dit_xl() -> Config:
     """The DiT-XL/2 scaling run of ALGORITHM §3.3."""
     return override(imagenet256_dit_b(), _model("DiT-XL/2"))
+
+
+# -- The paper's baselines (ALGORITHM §6): every method on each base run ---------------------------
+# `<base>_<method>` for base in digits, fashion_mnist_dit_s and the paper's DiT-B recipes (§3.3: the
+# comparison table is DiT-B on CelebA-HQ 256 and ImageNet 256, same budget as shortcut), e.g.
+# `digits_consistency`, `fashion_mnist_dit_s_progressive`, `imagenet256_dit_b_reflow`.
+# Distillation presets leave objective.teacher_checkpoint empty (set it to a checkpoint of
+# `<base>_flow_matching`; teacher.check_teacher says so). Reflow presets point data.uri at where the
+# README's `jobs.generate_pairs --output` puts the pairs of that base's flow-matching teacher.
+
+METHOD_BASES: dict[str, Callable[[], Config]] = {
+    "digits": digits, "fashion_mnist_dit_s": fashion_mnist_dit_s,
+    "celebahq256_dit_b": celebahq256_dit_b, "imagenet256_dit_b": imagenet256_dit_b,
+}
+BASELINE_METHODS = ("flow_matching", "consistency", "consistency_distillation", "progressive", "live_reflow",
+                    "reflow", "diffusion")
+PAIRS_URI = {"digits": "data/digits-pairs", "fashion_mnist_dit_s": "data/fashion-mnist-pairs",
+             "celebahq256_dit_b": "gs://YOUR_BUCKET/pairs/celebahq256-fm",
+             "imagenet256_dit_b": "gs://YOUR_BUCKET/pairs/imagenet256-fm"}
+"""Default data.uri of the reflow presets (the paired dataset written by jobs.generate_pairs)."""
+
+
+def method_preset(base: str, method: str) -> Config:
+    """`base` with objective.train_type=`method`; everything else (model, data, budget, EMA, CFG) is the
+    base's, as §6 trains every baseline with shortcut's settings. Reflow reads the paired dataset."""
+    sets = {"objective.train_type": method}
+    if method == "reflow":  # §6.6: flow matching on the stored coupling; a flip would break the pairs
+        sets.update({"data.source": "parquet", "data.uri": PAIRS_URI[base], "data.random_flip": False})
+    return override(METHOD_BASES[base](), sets)
+
+
+def _register_method_presets() -> None:
+    for base in METHOD_BASES:
+        for method in BASELINE_METHODS:
+            name = f"{base}_{method}"
+            if name in PRESETS:  # digits_flow_matching is defined above
+                continue
+
+            def fn(base=base, method=method) -> Config:
+                return method_preset(base, method)
+
+            fn.__name__ = fn.__qualname__ = name
+            fn.__doc__ = f"{base} trained with objective.train_type={method} (ALGORITHM §6)."
+            preset(fn)
+
+
+_register_method_presets()

@@ -116,6 +116,17 @@ def check_teacher_checkpoint(cfg: Config, uri: str) -> dict:
     return meta
 
 
+def _preset_hint(cfg: Config) -> str:
+    """' (preset X leaves it empty: train the teacher with `--preset BASE_flow_matching`)' for the
+    distillation presets of presets.py (named BASE_METHOD), else ''."""
+    tt, name = cfg.objective.train_type, getattr(cfg, "preset", "") or ""
+    if not name.endswith(f"_{tt}"):
+        return ""
+    teacher = f"{name[: -len(tt) - 1]}_flow_matching"
+    return (f" (preset {name!r} leaves it empty on purpose: train the teacher first with "
+            f"`python -m jobs.train --preset {teacher}`)")
+
+
 def check_teacher(cfg: Config) -> dict | None:
     """Driver-side check (launch.build_trainer, jobs): the teacher's state.json, or None without a teacher."""
     tt, uri = cfg.objective.train_type, cfg.objective.teacher_checkpoint
@@ -127,7 +138,7 @@ def check_teacher(cfg: Config) -> dict | None:
     if not uri:
         raise ConfigError(
             f"objective.train_type={tt!r} distils a pretrained flow-matching model but "
-            f"objective.teacher_checkpoint is empty; set it to a flow-matching checkpoint, e.g. "
+            f"objective.teacher_checkpoint is empty{_preset_hint(cfg)}; set it to a flow-matching checkpoint, e.g. "
             f"`--set objective.teacher_checkpoint=runs/RUN/checkpoint_0001500` (local or gs://)")
     return check_teacher_checkpoint(cfg, uri)
 
