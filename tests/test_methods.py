@@ -74,8 +74,9 @@ def _train(session, method: str, *sets: str):
     run = f"m-{method}"
     argv = ["--preset", "debug_cpu", "--set", f"objective.train_type={method}"]
     for s in (f"train.max_steps={STEPS}", "train.num_workers=1", "train.global_batch=16", "train.log_every=2",
-              "train.sample_every=0", "train.checkpoint_every=0", f"train.storage_path={session['root'] / 'runs'}",
-              f"train.run_name={run}", f"tracking.tracking_uri={session['tracking']}", "tracking.experiment=methods",
+              "train.sample_every=0", f"train.checkpoint_every={STEPS}",  # <= 0 would disable the final one
+              f"train.storage_path={session['root'] / 'runs'}", f"train.run_name={run}",
+              f"tracking.tracking_uri={session['tracking']}", "tracking.experiment=methods",
               "data.shuffle_buffer=64", "eval.sample_steps=1,4", "eval.grid_size=2", *sets):
         argv += ["--set", s]
     _, cfg = parse_config(argv)
