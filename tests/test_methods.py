@@ -83,7 +83,7 @@ def _train(session, method: str, *sets: str):
     result = fit(resolve_runtime(cfg))
     assert result.error is None, result.error
     assert math.isfinite(result.metrics["loss"]), result.metrics
-    ckpts = sorted(glob.glob(str(session["root"] / "runs" / run / "checkpoint_*")))
+    ckpts = sorted(glob.glob(str(session["root"] / "runs" / run / "checkpoint_[0-9]*")))
     assert ckpts and os.path.exists(os.path.join(ckpts[-1], "state.json")), ckpts
     return result, ckpts[-1]
 
@@ -102,24 +102,6 @@ def teacher(session):
     _, ckpt = _train(session, "flow_matching")
     _sample(ckpt, session["root"] / "samples-flow_matching")
     return ckpt
-
-
-END_TO_END = {
-    "consistency": ("objective.sampler=multistep",),  # jobs.sample then uses consistency sampling
-    "live_reflow": (),
-    "diffusion": (),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(END_TO_END))
-def test_end_to_end_method_trains_and_samples_through_the_jobs(session, method, tmp_path):
-    _, ckpt = _train(session, method, *END_TO_END[method])
-    _sample(ckpt, tmp_path)
-    if method == "diffusion":
-        from jobs.evaluate import main
-
-        assert main([ckpt, "--steps", "1,4", "--samples", "16"]) == 0
 
 
 @pytest.mark.slow
@@ -143,3 +125,21 @@ def test_two_stage_reflow_on_pairs_from_the_teacher(session, teacher, tmp_path):
     assert result.manifest["paired"] and result.manifest["count"] == 64
     _, ckpt = _train(session, "reflow", "data.source=parquet", f"data.uri={pairs}", "data.random_flip=false")
     _sample(ckpt, tmp_path / "samples")
+
+
+END_TO_END = {
+    "consistency": ("objective.sampler=multistep",),  # jobs.sample then uses consistency sampling
+    "live_reflow": (),
+    "diffusion": (),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(END_TO_END))
+def test_end_to_end_method_trains_and_samples_through_the_jobs(session, method, tmp_path):
+    _, ckpt = _train(session, method, *END_TO_END[method])
+    _sample(ckpt, tmp_path)
+    if method == "diffusion":
+        from jobs.evaluate import main
+
+        assert main([ckpt, "--steps", "1,4", "--samples", "16"]) == 0
