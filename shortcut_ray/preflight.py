@@ -20,6 +20,7 @@ from .config import Config
 from .faults import PermanentError
 
 SHA_MAX_BYTES = 2 << 30
+STORAGE_TIMEOUT_S = 12.0  # a probe write of a few bytes; gcsfs retries an unreachable endpoint for minutes
 TIMEOUT_S = 10.0
 
 
@@ -101,7 +102,7 @@ def check_storage(storage: str) -> None:
         fs.rm_file(path)
 
     try:
-        _with_timeout(probe, f"storage path {storage}", 30.0)
+        _with_timeout(probe, f"storage path {storage}", STORAGE_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001
         raise PermanentError(f"cannot write to the run storage path {storage} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:300] if str(e) else ''}); set train.storage_path to a "

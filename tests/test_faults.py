@@ -254,6 +254,21 @@ def test_storage_path_not_writable_fails_before_workers(tmp_path):
     assert rc == 1 and secs < 15 and "cannot write to the run storage path" in out, out
 
 
+def test_unreachable_object_store_fails_within_15_s_with_one_clear_line(monkeypatch):
+    """gs:// with nothing answering (here: an emulator address where no server listens): gcsfs retries
+    for about a minute and ended in raw aiohttp tracebacks; the driver's probe gives up in seconds."""
+    import time
+
+    from shortcut_ray.faults import PermanentError
+    from shortcut_ray.preflight import check_storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # discard port: nothing listens
+    t0 = time.monotonic()
+    with pytest.raises(PermanentError, match="cannot write to the run storage path gs://no-such-bucket/runs"):
+        check_storage("gs://no-such-bucket/runs")
+    assert time.monotonic() - t0 < 15
+
+
 def _bad_dataset(tmp_path, how):
     """A real digits shard set, damaged `how`; returns (uri, damaged shard file name)."""
     import json
