@@ -158,3 +158,27 @@ def _register_method_presets() -> None:
 
 
 _register_method_presets()
+@preset
+def compare_digits_tiny() -> Config:
+    """The comparison (jobs.compare) in seconds per method: DiT-T on digits, 4 steps each, 64 eval samples."""
+    return override(debug_cpu(), {
+        "train.max_steps": 4, "train.log_every": 2, "train.sample_every": 0, "train.checkpoint_every": 4,
+        "train.eval_every": 0, "train.num_workers": 1, "train.cpus_per_worker": 1,
+        "eval.fid_steps": (1, 2, 4, 8, 128), "eval.fid_samples": 64, "eval.sample_steps": (1, 128),
+        "eval.grid_size": 2})
+
+
+@preset
+def fashion_mnist_16px() -> Config:
+    """The committed comparison's scale on 2 CPU cores: Fashion-MNIST at 16x16, the CPU DiT of
+    bench/quality.py (hidden 128, depth 4, 4 heads, patch 4: 16 tokens), batch 64, 1000 steps per
+    method, EMA 0.99 (evaluated with the EMA weights), FD/FID at N = 1, 2, 4, 8, 128 with 500 samples."""
+    return override(Config(), {
+        **_model("DiT-M/2"), "model.patch_size": 4,
+        "data.source": "fashion_mnist", "data.uri": "/work/shared/data/fashion-mnist", "data.image_size": 16,
+        "data.channels": 1, "data.num_classes": 10, "data.random_flip": False,
+        "optim.lr": 5e-4, "ema.decay": 0.99, "ema.eval_with_ema": True,
+        "train.global_batch": 64, "train.max_steps": 1000, "train.num_workers": 1, "train.cpus_per_worker": 1,
+        "train.log_every": 50, "train.sample_every": 0, "train.checkpoint_every": 250, "train.eval_every": 0,
+        "eval.fid_steps": (1, 2, 4, 8, 128), "eval.fid_samples": 500, "eval.sample_steps": (1, 4, 128),
+        "eval.grid_size": 4})

@@ -1,0 +1,381 @@
+"""The paper's comparison (ALGORITHM §6.7, §7.2) as one resumable protocol: every method, one table.
+
+Order (an equal training budget per method: the base config's model, batch, steps, optimiser, EMA):
+flow matching (also the teacher); shortcut, consistency training, live reflow and diffusion from
+scratch; progressive and consistency distillation from the flow-matching checkpoint; (noise, sample)
+pairs from the teacher (pairs.generate) and two-stage reflow on them. Each method trains through
+launch.fit (Ray Train) as a child MLflow run of one parent run; the runs go one after another.
+
+Evaluation is identical for every method and runs here on the driver from each final checkpoint
+(checkpoint.load_for_inference): evaluation.Evaluator with the same eval.fid_samples, the same fixed
+noise (eval.seed) and the same reference (the first fid_samples images of the dataset in file
+order), at eval.fid_steps, each method with its own sampler rule (recorded). The real-vs-real floor
+is the next fid_samples images against the same reference. FD (pixel space) always; FID as well when
+eval.fid_weights is set.
+
+State: <out>/state.json lists the finished stages; with resume=True a stage listed there whose files
+exist is skipped, so a crash or Ctrl-C continues where it stopped (a half-trained method resumes from
+its latest Ray Train checkpoint: same storage path and run name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+from .config import Config, ConfigError, apply_overrides
+
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "end-to-end" or "2-stage" (the paper's "type" column)
+    label: str
+    teacher: bool = False  # starts from / distils the flow-matching checkpoint
+    pairs: bool = False  # trains on the teacher's (noise, sample) pairs
+
+
+METHODS = (  # training order: the teacher first, then from scratch, then what needs the teacher
+    Method("flow_matching", "end-to-end", "Flow matching"),
+    Method("shortcut", "end-to-end", "Shortcut models"),
+    Method("consistency", "end-to-end", "Consistency training"),
+    Method("live_reflow", "end-to-end", "Live reflow"),
+    Method("diffusion", "end-to-end", "Diffusion"),
+    Method("progressive", "2-stage", "Progressive distillation", teacher=True),
+    Method("consistency_distillation", "2-stage", "Consistency distillation", teacher=True),
+    Method("reflow", "2-stage", "Reflow", pairs=True),
+)
+TABLE_ORDER = ("diffusion", "flow_matching", "progressive", "consistency_distillation", "reflow",
+               "consistency", "live_reflow", "shortcut")  # the paper's row order (ALGORITHM §7.2)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What the comparison adds to a preset: pair generation and the sample strip."""
+
+    pairs: int = 2048
+    pair_steps: int = 128  # teacher Euler steps per pair (ALGORITHM §6.6 default: 128, EMA weights)
+    strip: int = 6  # images per method and N in the sample-strip picture
+
+
+PROTOCOLS = {"compare_digits_tiny": Protocol(pairs=128, pair_steps=8, strip=4),
+             "fashion_mnist_16px": Protocol(pairs=2048, pair_steps=32, strip=6)}
+
+
+# -- state --------------------------------------------------------------------------------------------
+
+def read_state(out: str) -> dict:
+    path = os.path.join(out, STATE_FILE)
+    if not os.path.exists(path):
+        return {"done": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_state(out: str, state: dict) -> None:
+    tmp = os.path.join(out, STATE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(out, STATE_FILE))
+
+
+def is_done(state: dict, stage: str) -> bool:
+    """Recorded as done and every file it recorded still exists."""
+    rec = state["done"].get(stage)
+    return rec is not None and all(os.path.exists(p) for p in rec.get("files", []))
+
+
+def mark_done(out: str, state: dict, stage: str, files: list[str], **info) -> None:
+    state["done"][stage] = {"files": files, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
+    write_state(out, state)
+
+
+# -- configs ------------------------------------------------------------------------------------------
+
+def method_sets(method: Method, out: str, name: str, parent_id: str, teacher: str = "", pairs: str = "") -> list[str]:
+    """The --set overrides that turn the base config into this method's run (also its jobs.train command)."""
+    sets = [f"objective.train_type={method.name}", f"train.storage_path={os.path.join(out, 'runs')}",
+            f"train.run_name={method.name}", f"tracking.run_name={name}-{method.name}",
+            f"tracking.parent_run_id={parent_id}", f"tracking.tags=compare={name},compare.method={method.name}"]
+    if method.teacher:
+        sets.append(f"objective.teacher_checkpoint={teacher}")
+    if method.pairs:
+        sets += ["data.source=parquet", f"data.uri={pairs}", "data.random_flip=false"]
+    return sets
+
+
+def train_command(preset: str, base_sets: list[str], sets: list[str]) -> str:
+    args = [sys.executable, "-m", "jobs.train", "--preset", preset]
+    for kv in [*base_sets, *sets]:
+        args += ["--set", kv]
+    return shlex.join(args)
+
+
+def final_checkpoint(out: str, method: Method, max_steps: int) -> str:
+    from .checkpoint import dir_name
+
+    return os.path.join(out, "runs", method.name, dir_name(max_steps))
+
+
+def train_method(base: Config, method: Method, sets: list[str], out: str, log=print) -> str:
+    """Train (or resume) one method through launch.fit; returns its final checkpoint directory."""
+    from .checkpoint import is_complete
+    from .launch import fit, resolve_runtime
+    from .tune import ensure_ray
+
+    ensure_ray()  # RAY_ADDRESS, else a local Ray whose API address its processes know (see tune.init_local_ray)
+    cfg = resolve_runtime(apply_overrides(base, sets))
+    log(f"[compare] training {method.name} ({cfg.train.max_steps} steps)")
+    result = fit(cfg)
+    if result.error:
+        raise RuntimeError(f"training {method.name} failed: {result.error}; rerun with --resume to continue")
+    path = final_checkpoint(out, method, cfg.train.max_steps)
+    if not is_complete(path):
+        raise RuntimeError(f"{method.name} finished without a final checkpoint at {path}")
+    return path
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+
+def real_images(data_cfg, count: int):
+    """The first `count` images of the dataset in file order (no flip), model space, (count, C, H, W)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from .data import decode_batch, resolve_dataset
+    from .shards import dataset_info, filesystem, join_uri
+
+    uri = resolve_dataset(data_cfg)
+    info = dataset_info(uri)
+    fs, root = filesystem(uri)
+    chunks, have = [], 0
+    for shard in info["shards"]:
+        with fs.open(join_uri(root, shard["file"]), "rb") as f:
+            table = pq.read_table(f)
+        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+        x = decode_batch(batch, kind=data_cfg.kind, channels=data_cfg.channels, image_size=data_cfg.image_size,
+                         random_flip=False, latent_scale=data_cfg.latent_scale,
+                         latent_shape=info.get("latent_shape"))["image"]
+        chunks.append(x[:count - have])
+        have += len(chunks[-1])
+        if have >= count:
+            return torch.from_numpy(np.concatenate(chunks))
+    raise ConfigError(f"the dataset {uri} has {have} images; the comparison needs {count} (eval.fid_samples for "
+                      f"the reference plus as many for the real-vs-real floor): lower eval.fid_samples")
+
+
+def reference_evaluator(cfg: Config, ref):
+    import torch
+
+    from .evaluation import Evaluator
+
+    ev = Evaluator(cfg, torch.device("cpu"))
+    ev.set_reference(ref)
+    return ev
+
+
+def floor(cfg: Config) -> dict:
+    """Real vs real at the comparison's sample count: images n..2n-1 against the reference 0..n-1."""
+    from .evaluation import pooled
+    from .fid import FeatureStats
+
+    n = cfg.eval.fid_samples
+    images = real_images(cfg.data, 2 * n)
+    ev = reference_evaluator(cfg, images[:n])
+    held = images[n:]
+    out = {"samples": n, "images": f"dataset images {n}..{2 * n - 1} vs the reference 0..{n - 1} (file order)",
+           "fd_pixel": FeatureStats.from_features(pooled(held).numpy()).frechet_distance(ev.ref_pixel)}
+    if ev.inception is not None:
+        feats = ev.inception(ev._display(held)).double().cpu().numpy()
+        out["fid"] = FeatureStats.from_features(feats).frechet_distance(ev.ref_fid)
+    return out
+
+
+def sampler_record(cfg: Config) -> dict:
+    """The method's own sampling rule: update, sampler option and the level k of every step per N."""
+    from .objectives import for_sampling
+
+    obj = for_sampling(cfg)
+    per_n = {}
+    for n in cfg.eval.fid_steps:
+        ks = [st.k for st in obj.sample_steps(n)]
+        per_n[str(n)] = ks if len(ks) <= 8 else f"{len(ks)} steps, k in {sorted(set(ks))}"
+    return {"objective": type(obj).__name__, "update": type(obj).sample_update.__qualname__,
+            "objective.sampler": cfg.objective.sampler, "cfg_scale": cfg.eval.cfg_scale, "k_per_N": per_n}
+
+
+def evaluate_method(ckpt: str, base: Config, strip: int) -> tuple[dict, "object"]:
+    """Metrics at every N with the comparison's own eval settings, plus a sample strip per N from the
+    fixed noise of eval.seed; returns (record, strips (len(N), strip, C, H, W) numpy)."""
+    import numpy as np
+    import torch
+
+    from .checkpoint import load_for_inference
+    from .objectives import for_sampling
+    from .sampler import fixed_noise, sample
+
+    model, cfg, meta = load_for_inference(ckpt, "auto")
+    cfg = dataclasses.replace(cfg, eval=base.eval)  # identical samples, noise, N and reference for all
+    ev = reference_evaluator(cfg, real_images(base.data, cfg.eval.fid_samples))
+    metrics, report = ev.run(model)
+    d = cfg.data
+    noise = fixed_noise((strip, d.channels, d.image_size, d.image_size), cfg.eval.seed)
+    labels = (torch.arange(strip) % d.num_classes if cfg.objective.class_conditional
+              else torch.full((strip,), d.num_classes))
+    obj = for_sampling(cfg)
+    strips = np.stack([sample(model, noise, labels, n, cfg.eval.cfg_scale, d.num_classes,
+                              cfg.objective.denoise_timesteps, objective=obj).clamp(-1, 1).numpy()
+                       for n in cfg.eval.fid_steps])
+    record = {"checkpoint": ckpt, "step": meta["step"], "weights": meta["weights"], "mlflow_run_id":
+              meta.get("mlflow_run_id"), "metrics": metrics, "report": report, "sampler": sampler_record(cfg)}
+    return record, strips
+
+
+def log_child(tracking_uri: str, record: dict) -> None:
+    """The comparison's metrics into the method's own MLflow run, at its final step."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    if not record.get("mlflow_run_id"):
+        return
+    ts = int(time.time() * 1000)
+    items = [Metric(f"compare/{k}", float(v), ts, record["step"]) for k, v in record["metrics"].items()]
+    mlflow.tracking.MlflowClient(tracking_uri).log_batch(record["mlflow_run_id"], metrics=items)
+
+
+# -- the protocol -------------------------------------------------------------------------------------
+
+def _parent(base: Config, state: dict):
+    """The parent MLflow run (reopened on resume); (tracker or None, run id or "")."""
+    if not base.tracking.enabled:
+        return None, ""
+    from .tracking import MlflowTracker
+
+    tracker = MlflowTracker(base.tracking.tracking_uri, base.tracking.experiment)
+    run_id = tracker.start(state["name"], {"compare": state["name"], "compare.role": "parent",
+                                           "compare.preset": state["preset"]}, state.get("parent_run_id"))
+    if run_id != state.get("parent_run_id"):
+        tracker.log_params({**base.flat(), **{f"protocol.{k}": v for k, v in state["protocol"].items()}})
+    return tracker, run_id
+
+
+def _pairs(out: str, state: dict, protocol: Protocol, log) -> str:
+    from .pairs import PairPlan, generate
+
+    teacher = state["done"]["train:flow_matching"]["checkpoint"]
+    path = os.path.join(out, "pairs")
+    if not is_done(state, "pairs"):
+        plan = PairPlan(teacher=teacher, count=protocol.pairs, steps=protocol.pair_steps, weights="ema")
+        use_ray = bool(os.environ.get("RAY_ADDRESS"))  # on a cluster: Ray Data actors; else in-process
+        log(f"[compare] {protocol.pairs} pairs from {teacher} ({protocol.pair_steps} Euler steps, EMA weights)")
+        generate(plan, path, use_ray=use_ray, log=log)
+        cmd = shlex.join([sys.executable, "-m", "jobs.generate_pairs", "--teacher", teacher, "--output", path,
+                          "--count", str(protocol.pairs), "--steps", str(protocol.pair_steps), "--weights", "ema"]
+                         + ([] if use_ray else ["--local"]))
+        mark_done(out, state, "pairs", [os.path.join(path, "manifest.json")], command=cmd)
+    return path
+
+
+def _method(base: Config, method: Method, out: str, state: dict, protocol: Protocol, log) -> None:
+    stage = f"train:{method.name}"
+    teacher = state["done"].get("train:flow_matching", {}).get("checkpoint", "")
+    pairs = _pairs(out, state, protocol, log) if method.pairs else ""
+    sets = method_sets(method, out, state["name"], state.get("parent_run_id", ""), teacher, pairs)
+    if not is_done(state, stage):
+        ckpt = train_method(base, method, sets, out, log)
+        mark_done(out, state, stage, [ckpt], checkpoint=ckpt,
+                  command=train_command(state["preset"], state["sets"], sets))
+    if not is_done(state, f"eval:{method.name}"):
+        import numpy as np
+
+        log(f"[compare] evaluating {method.name} at N = {list(base.eval.fid_steps)}")
+        record, strips = evaluate_method(state["done"][stage]["checkpoint"], base, protocol.strip)
+        record.update(method=method.name, kind=method.kind, label=method.label)
+        files = [os.path.join(out, "eval", f"{method.name}.json"), os.path.join(out, "eval", f"{method.name}.npy")]
+        os.makedirs(os.path.dirname(files[0]), exist_ok=True)
+        with open(files[0], "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        np.save(files[1], strips)
+        if base.tracking.enabled:
+            log_child(base.tracking.tracking_uri, record)
+        mark_done(out, state, f"eval:{method.name}", files)
+
+
+def _floor(base: Config, out: str, state: dict, log) -> None:
+    if is_done(state, "floor"):
+        return
+    log(f"[compare] real-vs-real floor at {base.eval.fid_samples} samples")
+    path = os.path.join(out, "eval", "floor.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(floor(base), f, indent=1)
+    mark_done(out, state, "floor", [path])
+
+
+def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list[str]) -> tuple[Config, dict]:
+    from .launch import resolve_runtime
+    from .presets import get_preset
+
+    base = resolve_runtime(apply_overrides(get_preset(preset), base_sets))
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, run_name=""))  # per method
+    os.makedirs(out, exist_ok=True)
+    state = read_state(out)
+    if state["done"] and not resume:
+        raise ConfigError(f"{out} already holds a comparison ({len(state['done'])} stage(s) done); pass --resume "
+                          f"to continue it, or choose another --output")
+    if state.get("config") and state["config"] != json.loads(base.to_json()):
+        raise ConfigError(f"{out} was started with another config (preset {state.get('preset')}, --set "
+                          f"{state.get('sets')}); resume it with the same arguments or choose another --output")
+    protocol = PROTOCOLS.get(preset, Protocol())
+    before = json.dumps(state, sort_keys=True)
+    state.update(config=json.loads(base.to_json()), preset=preset, sets=list(base_sets), protocol=dataclasses.asdict(protocol),
+                 name=state.get("name") or f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                 command=state.get("command") or shlex.join([sys.executable, "-m", "jobs.compare", *argv]))
+    if json.dumps(state, sort_keys=True) != before:  # a finished comparison is left untouched
+        write_state(out, state)
+    return base, state
+
+
+def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = False, argv: list[str] = (),
+                log=print) -> dict:
+    """Run (or finish) the comparison in `out`; returns the results dict (also <out>/results.json)."""
+    from .compare_report import write_report
+
+    out = os.path.abspath(out)
+    base, state = _start(preset, list(base_sets), out, resume, list(argv))
+    protocol = Protocol(**state["protocol"])
+    if is_done(state, "report"):
+        log(f"[compare] {out}: every stage is done; nothing to do")
+        with open(os.path.join(out, "results.json")) as f:
+            return json.load(f)
+    tracker, parent_id = _parent(base, state)
+    state["parent_run_id"] = parent_id
+    write_state(out, state)
+    try:
+        for method in METHODS:
+            _method(base, method, out, state, protocol, log)
+        _floor(base, out, state, log)
+        results, files = write_report(out, state, METHODS, TABLE_ORDER)
+        if tracker:
+            tracker.log_metrics({f"{m}/{k}": v for m, r in results["methods"].items()
+                                 for k, v in r["metrics"].items()}, base.train.max_steps)
+            for path in files:
+                tracker.client.log_artifact(parent_id, path)
+        mark_done(out, state, "report", files)
+    except KeyboardInterrupt:
+        tracker and tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker and tracker.end("FAILED")
+        raise
+    tracker and tracker.end("FINISHED")
+    log(f"[compare] done: {os.path.join(out, 'results.md')}")
+    return results

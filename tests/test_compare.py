@@ -1,0 +1,55 @@
+"""jobs.compare end to end on digits at a tiny budget (issue 13): every method of ALGORITHM §6.7 trains
+through Ray Train, is evaluated identically, and lands in the table, the JSON, the plot and the strips;
+a --resume after completion redoes nothing. Slow: eight short Ray Train runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tmp_path):
+    import ray
+
+    from jobs.compare import main
+    from shortcut_ray.compare import METHODS
+
+    out = tmp_path / "cmp"
+    argv = ["--preset", "compare_digits_tiny", "--output", str(out),
+            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    try:
+        assert main(argv) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert set(results["methods"]) == {m.name for m in METHODS}
+        for name, r in results["methods"].items():
+            for n in (1, 2, 4, 8, 128):
+                assert math.isfinite(r["metrics"][f"fd_pixel/N{n}"]), (name, n)
+            assert r["report"]["samples"] == 64 and r["sampler"]["k_per_N"]
+        assert results["floor"]["samples"] == 64 and math.isfinite(results["floor"]["fd_pixel"])
+        assert "--count" in results["commands"]["pairs"] and "jobs.train" in results["commands"]["reflow"]
+        table = (out / "results.md").read_text()
+        assert "| real vs real (floor) |" in table and "Progressive distillation | 2-stage" in table
+        for f in ("fd_vs_steps.png", "strips.png"):
+            assert (out / f).stat().st_size > 1000
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+        assert main(argv + ["--resume"]) == 0  # everything is done: nothing is trained, evaluated or rewritten
+        after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+        assert after == before
+    finally:
+        ray.shutdown()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(results["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {"results.md", "results.json", "fd_vs_steps.png", "strips.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == len(METHODS)
