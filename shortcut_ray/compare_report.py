@@ -46,7 +46,7 @@ def table(results: dict, order) -> str:
         label = f"**{r['label']}**" if key == "shortcut" else r["label"]
         lines.append(f"| {label} | {r['kind']} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
     fl = results["floor"].get(metric)
-    lines.append(f"| real vs real (floor) | - | " + " | ".join(f"{fl:.3f}" for _ in steps) + " |")
+    lines.append("| real vs real (floor) | - | " + " | ".join(f"{fl:.3f}" for _ in steps) + " |")
     lines += ["", "Samplers: " + "; ".join(f"{k}: {r['sampler']['objective']} ({r['sampler']['update']}"
                                            + (f", objective.sampler={r['sampler']['objective.sampler']}"
                                               if k.startswith("consistency") else "") + ")"
