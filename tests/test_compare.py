@@ -12,9 +12,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tmp_path):
+def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tmp_path, monkeypatch):
     import ray
 
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands in tmp_path
     from jobs.compare import main
     from shortcut_ray.compare import METHODS
 
