@@ -22,6 +22,7 @@ from .faults import PermanentError
 SHA_MAX_BYTES = 2 << 30
 STORAGE_TIMEOUT_S = 12.0  # a probe write of a few bytes; gcsfs retries an unreachable endpoint for minutes
 TIMEOUT_S = 10.0
+EXPERIMENT_TIMEOUT_S = 60.0
 
 
 def _with_timeout(fn, what: str, timeout_s: float = TIMEOUT_S):
@@ -70,7 +71,10 @@ def check_tracking(cfg: Config) -> None:
             raise PermanentError(f"MLflow store {uri}: folder {folder} is not writable; {change}")
     remote = uri.startswith(("http://", "https://"))  # a new local store takes its time (schema migrations)
     try:
-        _with_timeout(lambda: ensure_experiment(t), f"MLflow at {uri}") if remote else ensure_experiment(t)
+        # The server already answered /health (an unreachable one failed above in seconds); creating the
+        # experiment may be slow on a loaded server, so it gets longer before the run is refused.
+        _with_timeout(lambda: ensure_experiment(t), f"MLflow at {uri}", EXPERIMENT_TIMEOUT_S) if remote \
+            else ensure_experiment(t)
     except PermanentError as e:
         raise PermanentError(f"{e}; {change}") from None
     except Exception as e:  # noqa: BLE001 - any MLflow failure here is the user's to fix
