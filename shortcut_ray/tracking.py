@@ -152,6 +152,7 @@ class MlflowTracker:
         self._failing = False
         self._failed_at = 0.0
         self._logged_through = -1
+        self._held: dict[str, int] = {}  # metric key -> last step MLflow holds (looked up for redone steps)
 
     def _try(self, what: str, fn, *args) -> bool:
         import time
@@ -193,6 +194,16 @@ class MlflowTracker:
         if self._logged_through >= 0:
             self.client.set_tag(self.run_id, "metrics.not_relogged_through_step", str(self._logged_through))
 
+    def _already_logged(self, key: str, step: int) -> bool:
+        """True when MLflow already holds `key` at `step` or later: only those are skipped, so metrics new
+        to the run (an evaluation of the final checkpoint at its step) are still logged."""
+        if key not in self._held:
+            try:
+                self._held[key] = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+            except Exception:  # noqa: BLE001 - tracking trouble must not stop training; log it then
+                return False
+        return step <= self._held[key]
+
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
@@ -209,7 +220,7 @@ class MlflowTracker:
 
         ts = int(time.time() * 1000)
         if step <= self._logged_through:  # a redone step after a restore (see _skip_through_logged_steps)
-            metrics = {}
+            metrics = {k: v for k, v in metrics.items() if not self._already_logged(k, step)}
         self._pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(float(v))]
         self._pending = self._pending[-self.MAX_PENDING:]
         while self._pending:

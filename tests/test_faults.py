@@ -425,6 +425,8 @@ def test_redone_steps_after_a_restore_are_not_logged_twice(sqlite_uri):
     assert [s for s, _ in hist] == list(range(1, 11))
     assert dict(hist)[7] == 7.0 and dict(hist)[8] == 108.0
     assert again.client.get_run(run_id).data.tags["metrics.not_relogged_through_step"] == "7"
+    again.log_metrics({"eval/fd_pixel/N1": 3.0}, 7)  # new to the run at a held step (jobs.evaluate): logged
+    assert [m.step for m in again.client.get_metric_history(run_id, "eval/fd_pixel/N1")] == [7]
 
 
 def test_interrupted_runs_are_marked_killed(sqlite_uri):
