@@ -241,14 +241,11 @@ def evaluate_method(ckpt: str, base: Config, strip: int) -> tuple[dict, "object"
 
 def log_child(tracking_uri: str, record: dict) -> None:
     """The comparison's metrics into the method's own MLflow run, at its final step."""
-    import mlflow
-    from mlflow.entities import Metric
+    from .tracking import log_metrics_to_run
 
-    if not record.get("mlflow_run_id"):
-        return
-    ts = int(time.time() * 1000)
-    items = [Metric(f"compare/{k}", float(v), ts, record["step"]) for k, v in record["metrics"].items()]
-    mlflow.tracking.MlflowClient(tracking_uri).log_batch(record["mlflow_run_id"], metrics=items)
+    if record.get("mlflow_run_id"):
+        log_metrics_to_run(tracking_uri, record["mlflow_run_id"],
+                           {f"compare/{k}": v for k, v in record["metrics"].items()}, record["step"])
 
 
 # -- the protocol -------------------------------------------------------------------------------------

@@ -364,6 +364,16 @@ def MlflowClientFor(tracking_uri: str):  # noqa: N802 - reads like the class it 
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def log_metrics_to_run(tracking_uri: str, run_id: str, metrics: dict, step: int) -> None:
+    """Metrics into an existing run from outside it (jobs.compare writes each method's numbers to its run)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    MlflowClientFor(tracking_uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
 def close_interrupted(cfg: TrackingConfig, ray_run_name: str, status: str = "KILLED", reason: str = "") -> int:
     """Driver side: end the RUNNING MLflow runs of `ray_run_name` (its workers were killed with the
     driver and could not) with `status`; returns how many."""
