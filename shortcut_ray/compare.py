@@ -80,10 +80,9 @@ def read_state(out: str) -> dict:
 
 
 def write_state(out: str, state: dict) -> None:
-    tmp = os.path.join(out, STATE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(out, STATE_FILE))
+    from .storage import atomic_write
+
+    atomic_write(os.path.join(out, STATE_FILE), json.dumps(state, indent=1, sort_keys=True))
 
 
 def is_done(state: dict, stage: str) -> bool:
