@@ -195,6 +195,12 @@ class DataConfig:
     boundaries, so the next epoch's Ray Data start-up (seconds) overlaps training; 0 = off. On GPU the
     batches are already on the device, so this much device memory is used."""
 
+    cache_mb: int = 1024
+    """Per worker: when this rank's decoded rows fit in this many MiB, the first epoch read from Ray Data
+    is kept in memory and every later epoch is a new permutation of it (with fresh random flips), so
+    Ray Data runs once, not once per epoch (pixels and paired data; latents resample their posterior
+    noise on every read, so they always stream). 0 = off. On GPU the rows are kept in device memory."""
+
     def __post_init__(self) -> None:
         _check(self.source in ("digits", "parquet", "fashion_mnist"),
                f"data.source must be 'digits', 'parquet' or 'fashion_mnist', got {self.source!r}")
@@ -204,6 +210,7 @@ class DataConfig:
         _check(self.image_size >= 1 and self.channels >= 1 and self.num_classes >= 1,
                "data.image_size, data.channels and data.num_classes must be >= 1")
         _check(self.readahead_mb >= 0, f"data.readahead_mb must be >= 0 (0 = off), got {self.readahead_mb}")
+        _check(self.cache_mb >= 0, f"data.cache_mb must be >= 0 (0 = off), got {self.cache_mb}")
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,10 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     """CPUs reserved per worker; leave spare CPUs for Ray Data tasks (RAY_NOTES §2)."""
+    torch_threads: int = 0
+    """torch intra-op threads per worker; 0 = Ray's default (OMP_NUM_THREADS = the reserved CPUs, at least
+    1). A CPU run whose epochs come from memory (data.cache_mb) leaves Ray Data idle after the first
+    epoch, so it may use more threads than it reserves (the digits preset: 1 CPU, 2 threads)."""
     precision: str = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     compile: str = "auto"
@@ -269,6 +280,7 @@ class TrainConfig:
                f"train.activation_checkpointing_policy must be 'full' or 'selective', "
                f"got {self.activation_checkpointing_policy!r}")
         _check(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _check(self.torch_threads >= 0, f"train.torch_threads must be >= 0 (0 = Ray's default), got {self.torch_threads}")
         _check(self.num_to_keep >= 1, f"train.num_to_keep must be >= 1, got {self.num_to_keep}")
 
 

@@ -210,6 +210,73 @@ def pins_batches(device=None) -> bool:
     return torch.device(device).type == "cuda"
 
 
+class EpochCache:
+    """One worker's rows of the first epoch, kept in memory (on the batches' device); every later epoch
+    is a new permutation of them in batches of `local_batch` (the last partial one dropped, as Ray
+    Data's drop_last did), seeded by (seed, epoch). With `flip`, each row is mirrored with probability
+    1/2 per epoch: the rows were flipped at random once in decode_batch, and a fair coin applied to a
+    fairly flipped image leaves it fairly flipped, so the distribution is that of streaming.
+    `add` returns False (and frees what it held) once the rows pass `limit_bytes`, or for unpaired
+    latents, whose decode draws new posterior noise on every read (caching would freeze one draw)."""
+
+    def __init__(self, local_batch: int, limit_bytes: int, seed: int, flip: bool, latents: bool):
+        self.local_batch, self.limit, self.seed, self.flip, self.latents = local_batch, limit_bytes, seed, flip, latents
+        self._parts: list[tuple] | None = []
+        self._bytes = 0
+        self.rows: tuple | None = None
+        self.epoch = 0
+
+    @property
+    def sealed(self) -> bool:
+        return self.rows is not None
+
+    def add(self, batch: tuple) -> bool:
+        if self.latents and len(batch) == 2:
+            self._parts = None
+            return False
+        self._bytes += sum(t.numel() * t.element_size() for t in batch)
+        if self._bytes > self.limit:
+            self._parts = None
+            return False
+        self._parts.append(tuple(t.detach() for t in batch))
+        return True
+
+    def seal(self) -> bool:
+        """The first epoch has ended: keep its rows and start the second epoch. False when it had none."""
+        import torch
+
+        if not self._parts:
+            return False
+        self.rows = tuple(torch.cat(cols) for cols in zip(*self._parts))
+        self._parts = None
+        self._new_epoch()
+        return True
+
+    def _new_epoch(self) -> None:
+        import torch
+
+        self.epoch += 1
+        self._gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
+        self._order = torch.randperm(self.rows[0].shape[0], generator=self._gen)
+        self._pos = 0
+
+    def next(self):
+        """The next batch of this epoch, or None at its end (the following call starts the next epoch)."""
+        import torch
+
+        b, n = self.local_batch, self.rows[0].shape[0]
+        if self._pos + b > n:
+            self._new_epoch()
+            return None
+        idx = self._order[self._pos:self._pos + b]
+        self._pos += b
+        out = [t[idx.to(t.device)] for t in self.rows]
+        if self.flip:
+            mirror = (torch.rand(b, generator=self._gen) < 0.5).to(out[0].device)
+            out[0] = torch.where(mirror[:, None, None, None], out[0].flip(-1), out[0])
+        return tuple(out)
+
+
 class EpochStream:
     """Successive epochs of `batches`, read ahead by a background thread across epoch boundaries.
 
@@ -221,16 +288,38 @@ class EpochStream:
     data.readahead_mb MiB of batches (at least prefetch_batches) and the reader stays at most one
     epoch ahead, so Ray Data does no more work than inline reading, only earlier (running executions
     back to back took the CPU from a CPU trainer); readahead_mb = 0 reads inline, one epoch at a time.
+
+    With data.cache_mb > 0 the first epoch is read inline and kept (`EpochCache`); when it fits, every
+    later epoch comes from memory and Ray Data is not run again. That matters on small datasets: the
+    digits run's epoch is 28 steps, and a Ray Data execution per epoch running beside a 2-thread CPU
+    trainer halved its throughput (issue 14). A dataset over the budget streams every epoch as above.
+    `seed` (with the epoch) orders the cached epochs; give each rank its own.
     """
 
     _END = object()
 
-    def __init__(self, shard, local_batch: int, data_cfg: DataConfig, device=None):
+    def __init__(self, shard, local_batch: int, data_cfg: DataConfig, device=None, seed: int = 0):
         self._args = (shard, local_batch, data_cfg, device)
         self._inline = None
         self._stop = threading.Event()
+        self._thread = None
+        self._readahead_after_epoch = False
+        self._cache = None
+        if data_cfg.cache_mb > 0:
+            self._cache = EpochCache(local_batch, data_cfg.cache_mb << 20, seed,
+                                     flip=data_cfg.random_flip and data_cfg.kind == "pixels",
+                                     latents=data_cfg.kind == "latents")
+        else:
+            self._start_readahead()
+
+    @property
+    def cached(self) -> bool:
+        """True once epochs come from memory (Ray Data is no longer read)."""
+        return self._cache is not None and self._cache.sealed
+
+    def _start_readahead(self) -> None:
+        shard, local_batch, data_cfg, device = self._args
         if data_cfg.readahead_mb <= 0:
-            self._thread = None
             return
         batch_bytes = decoded_row_bytes(data_cfg) * local_batch
         depth = max(data_cfg.prefetch_batches, 1, (data_cfg.readahead_mb << 20) // batch_bytes)
@@ -265,12 +354,30 @@ class EpochStream:
         return False
 
     def next(self):
+        if self._cache is None:
+            return self._next_streamed()
+        if self._cache.sealed:
+            return self._cache.next()
+        b = self._next_streamed()
+        if b is None:
+            if not self._cache.seal():  # an empty epoch: nothing to cache
+                self._cache = None
+                self._start_readahead()
+        elif not self._cache.add(b):  # over budget (or latents): stream every epoch from the next one on
+            self._cache = None
+            self._readahead_after_epoch = True
+        return b
+
+    def _next_streamed(self):
         if self._thread is None:  # inline: one epoch's generator at a time
             if self._inline is None:
                 self._inline = batches(*self._args)
             b = next(self._inline, None)
             if b is None:
                 self._inline = None
+                if self._readahead_after_epoch:
+                    self._readahead_after_epoch = False
+                    self._start_readahead()
             return b
         item = self._queue.get()
         if isinstance(item, BaseException):

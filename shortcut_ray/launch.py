@@ -114,4 +114,14 @@ def fit(cfg: Config, resume: bool = False):
     if cfg.tracking.enabled:  # sets the experiment's UI kind tag once
         MlflowTracker(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment)
     ensure_ray(progress_bars=cfg.train.progress_bars)
+    _check_cpus(cfg)
     return build_trainer(cfg).fit()
+
+
+def _check_cpus(cfg: Config) -> None:
+    """preflight.check_cpus against the running cluster; a cluster joined through RAY_ADDRESS may autoscale."""
+    import ray
+
+    from .preflight import check_cpus
+
+    check_cpus(cfg, ray.cluster_resources().get("CPU", 0.0), autoscaling=bool(os.environ.get("RAY_ADDRESS")))

@@ -8,6 +8,8 @@ what to change, in seconds, instead of a worker-side failure that Ray retries fo
   and Parquet row count (one listing + one footer read per shard); sha256 re-hashed when the whole
   dataset is at most SHA_MAX_BYTES (larger ones: sizes and counts only, said once).
 - resume: `--resume NAME` names a run that exists in the storage path.
+- CPUs (once Ray is up, `check_cpus`): the workers' reserved CPUs leave at least one for Ray Data's
+  read tasks on a fixed-size cluster; otherwise the run would wait forever for a read slot.
 """
 
 from __future__ import annotations
@@ -174,3 +176,18 @@ def run(cfg: Config, storage: str, dataset_uri: str, info: dict, resume: bool = 
     check_storage(storage)
     check_tracking(cfg)
     check_dataset(dataset_uri, info, log)
+
+
+def check_cpus(cfg: Config, cluster_cpus: float, autoscaling: bool = False) -> None:
+    """Ray Data's read and decode tasks need 1 CPU each: workers that reserve every CPU of a cluster that
+    cannot grow leave none, and Ray Data only warns ("the job may hang forever"). Say what to change."""
+    t = cfg.train
+    reserved = t.num_workers * t.cpus_per_worker
+    if autoscaling or cluster_cpus - reserved >= 1:
+        return
+    room = max(cluster_cpus - 1, 0) / t.num_workers
+    raise PermanentError(
+        f"{t.num_workers} worker(s) x train.cpus_per_worker={t.cpus_per_worker:g} reserve {reserved:g} of the "
+        f"cluster's {cluster_cpus:g} CPUs and leave none for Ray Data's read tasks, so training would wait "
+        f"forever for its first batch; use `--set train.cpus_per_worker={room:g}` or fewer train.num_workers"
+        f" (`--set train.torch_threads=N` still lets a worker compute on N threads)")

@@ -171,7 +171,9 @@ class Runner:
         flops_img = self._flops_per_image()
         self.progress = None  # the console line's ETA; its clock starts at the first batch (after Ray Data's start-up)
         t_log, steps_since, wait = time.perf_counter(), 0, 0.0
-        stream = data.EpochStream(shard, st.local_batch, cfg.data, self.device)
+        # cached epochs (data.cache_mb) are ordered by (seed, rank, epoch at start): a resumed run draws new orders
+        stream = data.EpochStream(shard, st.local_batch, cfg.data, self.device,
+                                  seed=(cfg.train.seed * 1009 + self.rank) * 100_003 + self.epoch)
         try:
             while st.step < last:
                 steps_this_epoch = 0
@@ -479,8 +481,9 @@ def _peak_flops(device: torch.device) -> float | None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point (see launch.build_trainer)."""
-    if os.environ.get("SHORTCUT_RAY_THREADS"):
-        torch.set_num_threads(int(os.environ["SHORTCUT_RAY_THREADS"]))
+    threads = os.environ.get("SHORTCUT_RAY_THREADS") or Config.from_dict(loop_config["config"]).train.torch_threads
+    if int(threads) > 0:  # $SHORTCUT_RAY_THREADS (benchmarks) over train.torch_threads
+        torch.set_num_threads(int(threads))
     _quiet_worker()
     Runner(loop_config).run()
 

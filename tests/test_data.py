@@ -205,7 +205,7 @@ def _take_epochs(stream, shard, epochs: int) -> list:
 @pytest.mark.parametrize("readahead_mb", [0, 1])
 def test_epoch_stream_yields_each_epoch_then_none(readahead_mb):
     shard = FakeShard(5)
-    cfg = DataConfig(image_size=2, channels=1, readahead_mb=readahead_mb)
+    cfg = DataConfig(image_size=2, channels=1, readahead_mb=readahead_mb, cache_mb=0)
     stream = data.EpochStream(shard, 1, cfg)
     assert _take_epochs(stream, shard, 3) == [[e * 100 + i for i in range(5)] for e in range(3)]
     stream.close()
@@ -213,7 +213,7 @@ def test_epoch_stream_yields_each_epoch_then_none(readahead_mb):
 
 def test_epoch_stream_starts_the_next_epoch_while_this_one_is_consumed():
     shard = FakeShard(10)
-    ahead = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=1))
+    ahead = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=1, cache_mb=0))
     assert ahead.next() is not None
     deadline = time.monotonic() + 30
     while len(shard.started_at) < 2:  # epoch 1 begins while the trainer has taken 1 of epoch 0's 10 batches
@@ -232,7 +232,7 @@ def test_epoch_stream_starts_the_next_epoch_while_this_one_is_consumed():
     ahead.close()
     # Inline (readahead 0): the next epoch begins only once this one is exhausted.
     shard = FakeShard(10)
-    inline = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=0))
+    inline = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=0, cache_mb=0))
     _take_epochs(inline, shard, 1)
     assert shard.started_at == [0]
     inline.next()
@@ -242,7 +242,7 @@ def test_epoch_stream_starts_the_next_epoch_while_this_one_is_consumed():
 def test_epoch_stream_is_bounded_and_reraises_reader_errors():
     # 1 MiB of (1024, 1, 16, 16) float32 batches (1 MiB each): the queue holds prefetch_batches = 2.
     shard = FakeShard(50)
-    cfg = DataConfig(image_size=16, channels=1, readahead_mb=1, prefetch_batches=2)
+    cfg = DataConfig(image_size=16, channels=1, readahead_mb=1, prefetch_batches=2, cache_mb=0)
     stream = data.EpochStream(shard, 1024, cfg)
     deadline = time.monotonic() + 30
     while stream._queue.qsize() < 2:
@@ -254,11 +254,107 @@ def test_epoch_stream_is_bounded_and_reraises_reader_errors():
     assert _take_epochs(stream, shard, 1) == [list(range(50))]  # and nothing was lost
     stream.close()
     shard = FakeShard(3, fail_in_epoch=1)
-    stream = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=1))
+    stream = data.EpochStream(shard, 1, DataConfig(image_size=2, channels=1, readahead_mb=1, cache_mb=0))
     assert _take_epochs(stream, shard, 1) == [[0, 1, 2]]
     with pytest.raises(RuntimeError, match="shard read failed"):
         stream.next()
     stream.close()
+
+
+class RowShard:
+    """A DataIterator over `rows` distinct rows (image (C, S, S) whose pixels encode the row id and a
+    left-right asymmetry; label = row id), in order, batches of batch_size with drop_last; counts epochs."""
+
+    def __init__(self, rows: int, size: int = 2, paired: bool = False):
+        import torch
+
+        self.rows, self.paired, self.epochs = rows, paired, 0
+        ramp = torch.arange(size, dtype=torch.float32)  # asymmetric along the last axis: a flip shows
+        self.images = torch.arange(rows, dtype=torch.float32)[:, None, None, None] * 100 + ramp.expand(1, size, size)
+
+    def iter_torch_batches(self, batch_size, drop_last, local_shuffle_buffer_size, prefetch_batches, device):
+        import torch
+
+        self.epochs += 1
+        for i in range(0, self.rows - batch_size + 1, batch_size):
+            b = {"image": self.images[i:i + batch_size].clone(), "label": torch.arange(i, i + batch_size)}
+            if self.paired:
+                b["x0"] = -b["image"]
+            yield b
+
+
+def _epoch_batches(stream) -> list:
+    out = []
+    while (b := stream.next()) is not None:
+        out.append(b)
+    return out
+
+
+def test_epoch_cache_reads_ray_data_once_then_permutes_in_memory():
+    import torch
+
+    shard = RowShard(10)
+    cfg = DataConfig(image_size=2, channels=1, random_flip=False, readahead_mb=1, cache_mb=1)
+    stream = data.EpochStream(shard, 3, cfg, seed=7)
+    first = _epoch_batches(stream)
+    assert [b[1].tolist() for b in first] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # epoch 0: Ray Data's order
+    assert stream.cached and stream._thread is None and shard.epochs == 1
+    orders = []
+    for _ in range(3):
+        epoch = _epoch_batches(stream)
+        assert len(epoch) == 3 and all(b[0].shape == (3, 1, 2, 2) and b[1].shape == (3,) for b in epoch)
+        labels = torch.cat([b[1] for b in epoch])
+        assert sorted(labels.tolist()) == list(range(9))  # the rows epoch 0 yielded, each once
+        for x, y in epoch:  # rows stay whole: image and label move together, unflipped
+            assert torch.equal(x, shard.images[y])
+        orders.append(labels.tolist())
+    assert shard.epochs == 1  # Ray Data was never read again
+    assert len({tuple(o) for o in orders}) == 3  # a new order every epoch
+    again = data.EpochStream(RowShard(10), 3, cfg, seed=7)
+    _epoch_batches(again)
+    assert torch.cat([b[1] for b in _epoch_batches(again)]).tolist() == orders[0]  # seeded
+    other = data.EpochStream(RowShard(10), 3, cfg, seed=8)
+    _epoch_batches(other)
+    assert torch.cat([b[1] for b in _epoch_batches(other)]).tolist() != orders[0]
+
+
+def test_epoch_cache_flips_rows_afresh_each_epoch_and_keeps_pairs():
+    import torch
+
+    shard = RowShard(400)
+    stream = data.EpochStream(shard, 50, DataConfig(image_size=2, channels=1, random_flip=True), seed=1)
+    _epoch_batches(stream)
+    flips = []
+    for _ in range(2):
+        flipped = torch.zeros(400, dtype=torch.bool)
+        for x, y in _epoch_batches(stream):
+            same, mirrored = (x == shard.images[y]).flatten(1).all(1), (x == shard.images[y].flip(-1)).flatten(1).all(1)
+            assert (same ^ mirrored).all()  # each row is the original or its mirror image, nothing else
+            flipped[y] = mirrored
+        assert 140 < flipped.sum() < 260  # a fair coin per row
+        flips.append(flipped)
+    assert not torch.equal(flips[0], flips[1])  # drawn again each epoch
+    pairs = RowShard(6, paired=True)  # paired (reflow) rows: x0 stays with its x1, never flipped
+    stream = data.EpochStream(pairs, 2, DataConfig(image_size=2, channels=1, random_flip=False, kind="latents"))
+    _epoch_batches(stream)
+    assert stream.cached
+    for x1, y, x0 in _epoch_batches(stream):
+        assert torch.equal(x0, -x1) and torch.equal(x1, pairs.images[y])
+
+
+def test_epoch_cache_over_budget_or_latents_streams_every_epoch():
+    shard = RowShard(1100, size=16)  # 1 KiB per row: 1.07 MiB, over a 1 MiB budget
+    stream = data.EpochStream(shard, 100, DataConfig(image_size=16, channels=1, random_flip=False, cache_mb=1,
+                                                     readahead_mb=1))
+    assert len(_epoch_batches(stream)) == 11 and not stream.cached
+    assert stream._thread is not None  # streaming from epoch 1 on, read ahead as without a cache
+    assert len(_epoch_batches(stream)) == 11 and shard.epochs >= 2
+    stream.close()
+    shard = RowShard(10)  # unpaired latents: decode draws new noise per read, so never cached
+    stream = data.EpochStream(shard, 5, DataConfig(image_size=2, channels=1, kind="latents", readahead_mb=0))
+    for _ in range(3):
+        assert len(_epoch_batches(stream)) == 2
+    assert shard.epochs == 3 and not stream.cached
 
 
 @pytest.fixture(scope="module")

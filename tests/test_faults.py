@@ -518,3 +518,18 @@ def test_interrupted_driver_marks_its_mlflow_run_killed(tmp_path, sqlite_uri, lo
             proc.kill()
     assert proc.returncode != 0, out
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED", out[-3000:]
+
+
+def test_workers_that_reserve_every_cpu_are_refused_with_the_setting_that_fits():
+    from shortcut_ray.config import override
+    from shortcut_ray.faults import PermanentError
+    from shortcut_ray.preflight import check_cpus
+
+    cfg = override(get_preset("digits"), {"train.num_workers": 1, "train.cpus_per_worker": 2})
+    with pytest.raises(PermanentError, match=r"leave none for Ray Data.*train\.cpus_per_worker=1\b"):
+        check_cpus(cfg, cluster_cpus=2)  # would wait forever for a read slot (Ray Data only warns)
+    two = override(cfg, {"train.num_workers": 2, "train.cpus_per_worker": 1})
+    with pytest.raises(PermanentError, match=r"train\.cpus_per_worker=0\.5\b"):
+        check_cpus(two, cluster_cpus=2)
+    check_cpus(override(cfg, {"train.cpus_per_worker": 1}), cluster_cpus=2)  # one CPU left: fine
+    check_cpus(cfg, cluster_cpus=2, autoscaling=True)  # a cluster that can grow gets the benefit of the doubt
