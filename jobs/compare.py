@@ -4,6 +4,7 @@ r"""The paper's comparison (ALGORITHM §6.7, §7.2) in one command: every method
     nohup python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 \
         --set eval.fid_weights=/work/shared/weights/fid_inception_v3.pt > compare.log 2>&1 &
     python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume   # after a crash
+    python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume --tune  # + tuned row
 
 Trains flow matching (also the teacher), then shortcut, consistency training, live reflow and diffusion
 from scratch, progressive and consistency distillation from the flow-matching checkpoint, generates
@@ -32,11 +33,15 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every method, e.g. --set train.max_steps=2000 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the comparison in --output, skipping done stages")
+    p.add_argument("--tune", action="store_true",
+                   help="add a tuned shortcut row: a Tune grid over objective.bootstrap_every and ema.decay at the "
+                        "same budget, the best trial evaluated like every method (with --resume: added to a "
+                        "finished comparison)")
     args = p.parse_args(argv)
     from shortcut_ray.compare import run_compare
 
     try:
-        results = run_compare(args.preset, args.set, args.output, resume=args.resume, argv=argv)
+        results = run_compare(args.preset, args.set, args.output, resume=args.resume, argv=argv, tune=args.tune)
     except (ConfigError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
     from shortcut_ray.compare_report import table

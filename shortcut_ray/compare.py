@@ -52,8 +52,11 @@ METHODS = (  # training order: the teacher first, then from scratch, then what n
     Method("consistency_distillation", "2-stage", "Consistency distillation", teacher=True),
     Method("reflow", "2-stage", "Reflow", pairs=True),
 )
+TUNED = Method("shortcut_tuned", "end-to-end", "Shortcut models, tuned")
+"""With --tune: shortcut at the same budget, objective.bootstrap_every and ema.decay chosen by a Tune
+sweep (tune.run_sweep, grid, FIFO) on an in-loop metric with other noise and another reference sample."""
 TABLE_ORDER = ("diffusion", "flow_matching", "progressive", "consistency_distillation", "reflow",
-               "consistency", "live_reflow", "shortcut")  # the paper's row order (ALGORITHM §7.2)
+               "consistency", "live_reflow", "shortcut", "shortcut_tuned")  # the paper's row order (§7.2)
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,13 @@ class Protocol:
     pairs: int = 2048
     pair_steps: int = 128  # teacher Euler steps per pair (ALGORITHM §6.6 default: 128, EMA weights)
     strip: int = 6  # images per method and N in the sample-strip picture
+    tune_space: tuple = ("objective.bootstrap_every=grid(4,8,16)", "ema.decay=grid(0.99,0.999)")
+    """--tune: the grid (tune_space.parse_space syntax); every point trains the full budget."""
+    tune_n: int = 1  # --tune selects on eval/<fd_pixel or fid>/N<tune_n> (the project's sweep default: N=1)
 
 
-PROTOCOLS = {"compare_digits_tiny": Protocol(pairs=128, pair_steps=8, strip=4),
+PROTOCOLS = {"compare_digits_tiny": Protocol(pairs=128, pair_steps=8, strip=4,
+                                             tune_space=("objective.bootstrap_every=grid(4,8)",)),
              "fashion_mnist_16px": Protocol(pairs=2048, pair_steps=32, strip=6)}
 
 
@@ -290,19 +297,74 @@ def _method(base: Config, method: Method, out: str, state: dict, protocol: Proto
         mark_done(out, state, stage, [ckpt], checkpoint=ckpt,
                   command=train_command(state["preset"], state["sets"], sets))
     if not is_done(state, f"eval:{method.name}"):
-        import numpy as np
-
         log(f"[compare] evaluating {method.name} at N = {list(base.eval.fid_steps)}")
-        record, strips = evaluate_method(state["done"][stage]["checkpoint"], base, protocol.strip)
-        record.update(method=method.name, kind=method.kind, label=method.label)
-        files = [os.path.join(out, "eval", f"{method.name}.json"), os.path.join(out, "eval", f"{method.name}.npy")]
-        os.makedirs(os.path.dirname(files[0]), exist_ok=True)
-        with open(files[0], "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-        np.save(files[1], strips)
-        if base.tracking.enabled:
-            log_child(base.tracking.tracking_uri, record)
+        files = _evaluate_into(base, method, state["done"][stage]["checkpoint"], out, protocol)
         mark_done(out, state, f"eval:{method.name}", files)
+
+
+def _evaluate_into(base: Config, method: Method, ckpt: str, out: str, protocol: Protocol, **extra) -> None:
+    """evaluate_method -> <out>/eval/<method>.json/.npy (+ the method's MLflow run); records the stage."""
+    import numpy as np
+
+    record, strips = evaluate_method(ckpt, base, protocol.strip)
+    record.update(method=method.name, kind=method.kind, label=method.label, **extra)
+    files = [os.path.join(out, "eval", f"{method.name}.json"), os.path.join(out, "eval", f"{method.name}.npy")]
+    os.makedirs(os.path.dirname(files[0]), exist_ok=True)
+    with open(files[0], "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    np.save(files[1], strips)
+    if base.tracking.enabled:
+        log_child(base.tracking.tracking_uri, record)
+    return files
+
+
+def tune_base(base: Config, out: str, state: dict, protocol: Protocol) -> tuple[Config, str]:
+    """The sweep's base config and selection metric: shortcut at the comparison's budget, one in-loop
+    evaluation at the last step at N = tune_n with eval.seed + 1 (other noise than the table's) against
+    the images the trial trained on first (another sample than the table's reference)."""
+    from .config import override
+
+    metric = f"eval/{'fid' if base.eval.fid_weights else 'fd_pixel'}/N{protocol.tune_n}"
+    cfg = override(base, {
+        "objective.train_type": "shortcut", "train.storage_path": os.path.join(out, "runs"),
+        "train.eval_every": base.train.max_steps, "eval.fid_steps": (protocol.tune_n,),
+        "eval.seed": base.eval.seed + 1, "eval.diagnostics": False,
+        "tracking.tags": f"compare={state['name']},compare.method={TUNED.name}"})
+    return cfg, metric
+
+
+def _tuned(base: Config, out: str, state: dict, protocol: Protocol, log) -> None:
+    """--tune: a grid sweep of shortcut at the same budget; the best trial's final checkpoint is
+    evaluated exactly like every other method and labelled with the settings that won."""
+    stage = f"tune:{TUNED.name}"
+    if not is_done(state, stage):
+        from .tune import run_sweep
+        from .tune_space import parse_space
+
+        cfg, metric = tune_base(base, out, state, protocol)
+        space = parse_space(protocol.tune_space, cfg)
+        name = f"{state['name']}-tune"
+        log(f"[compare] tuning shortcut: grid {', '.join(protocol.tune_space)} on {metric}, "
+            f"{cfg.train.max_steps} steps per trial")
+        res = run_sweep(cfg, name=name, space=space, num_samples=1, scheduler="fifo", search="grid",
+                        metric=metric, resume=True, log=log)
+        if not res.finished or not res.best_checkpoint:
+            raise RuntimeError(f"the tuning sweep {name} did not finish (or no trial reported {metric}); "
+                               f"rerun with --resume to continue it")
+        won = {k: getattr(getattr(res.best_config, k.split(".")[0]), k.split(".")[1]) for k in space}
+        trials = [{"params": t["params"], metric: t.get(metric), "status": t["status"]} for t in res.trials]
+        cmd = shlex.join([sys.executable, "-m", "jobs.sweep", "--preset", state["preset"], "--name", name,
+                          "--scheduler", "fifo", "--search", "grid", "--metric", metric]
+                         + [a for spec in protocol.tune_space for a in ("--space", spec)])
+        mark_done(out, state, stage, [], checkpoint=res.best_checkpoint, won=won, trials=trials,
+                  metric=metric, sweep=res.path, command=cmd)
+    if not is_done(state, f"eval:{TUNED.name}"):
+        rec = state["done"][stage]
+        label = TUNED.label + " (" + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in rec["won"].items()) + ")"
+        log(f"[compare] evaluating {label} at N = {list(base.eval.fid_steps)}")
+        files = _evaluate_into(base, dataclasses.replace(TUNED, label=label), rec["checkpoint"], out, protocol,
+                               tuned={"won": rec["won"], "selection_metric": rec["metric"], "trials": rec["trials"]})
+        mark_done(out, state, f"eval:{TUNED.name}", files)
 
 
 def _floor(base: Config, out: str, state: dict, log) -> None:
@@ -341,13 +403,19 @@ def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list
 
 
 def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = False, argv: list[str] = (),
-                log=print) -> dict:
-    """Run (or finish) the comparison in `out`; returns the results dict (also <out>/results.json)."""
+                log=print, tune: bool = False) -> dict:
+    """Run (or finish) the comparison in `out`; returns the results dict (also <out>/results.json).
+    tune: add the tuned shortcut row (a finished comparison resumed with tune=True gains it)."""
     from .compare_report import write_report
 
     out = os.path.abspath(out)
     base, state = _start(preset, list(base_sets), out, resume, list(argv))
-    protocol = Protocol(**state["protocol"])
+    protocol = Protocol(**{**state["protocol"], "tune_space": tuple(state["protocol"]["tune_space"])})
+    if tune and not state.get("tune"):
+        state["tune"] = True
+        state["done"].pop("report", None)  # the table gains a row
+        write_state(out, state)
+    methods = METHODS + ((TUNED,) if state.get("tune") else ())
     if is_done(state, "report"):
         log(f"[compare] {out}: every stage is done; nothing to do")
         with open(os.path.join(out, "results.json")) as f:
@@ -358,8 +426,10 @@ def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = Fals
     try:
         for method in METHODS:
             _method(base, method, out, state, protocol, log)
+        if state.get("tune"):
+            _tuned(base, out, state, protocol, log)
         _floor(base, out, state, log)
-        results, files = write_report(out, state, METHODS, TABLE_ORDER)
+        results, files = write_report(out, state, methods, [m for m in TABLE_ORDER if m in {x.name for x in methods}])
         if tracker:
             tracker.log_metrics({f"{m}/{k}": v for m, r in results["methods"].items()
                                  for k, v in r["metrics"].items()}, base.train.max_steps)

@@ -29,10 +29,14 @@ def collect(out: str, state: dict, methods) -> dict:
                             **{k.split(":", 1)[-1]: v["command"] for k, v in state["done"].items() if "command" in v}}}
     for m in methods:
         results["methods"][m.name] = _load(out, m.name)
+    tuned = state["done"].get("tune:shortcut_tuned")
+    if tuned:
+        results["tuned"] = {k: tuned[k] for k in ("won", "metric", "trials", "sweep")}
     return results
 
 
 def table(results: dict, order) -> str:
+    order = [k for k in order if k in results["methods"]]  # the tuned row only with --tune
     metric, steps = results["metric"], results["steps"]
     name = "FID" if metric == "fid" else "FD (pixel space, 16x16 pooled)"
     lines = [f"{name} at N sampling steps, {results['samples']} samples from the same noise (eval.seed "
@@ -55,6 +59,7 @@ def table(results: dict, order) -> str:
 
 
 def plot(results: dict, order, path: str) -> None:
+    order = [k for k in order if k in results["methods"]]  # the tuned row only with --tune
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +86,7 @@ def plot(results: dict, order, path: str) -> None:
 
 def strips(out: str, results: dict, order, path: str) -> None:
     """Rows: methods; columns: N; each cell: the method's samples from the same noise at that N."""
+    order = [k for k in order if k in results["methods"]]
     import matplotlib
 
     matplotlib.use("Agg")

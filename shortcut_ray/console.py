@@ -8,7 +8,7 @@ so `log_to_driver` stays True), warnings and errors. What goes:
 - Ray Train's INFO lines (worker group started, every checkpoint "Reporting training result ...")
   via `RunConfig(logging_config=LoggingConfig("WARNING"))` (see `train_logging_config`);
 - Ray's own INFO at `ray.init` and the token-auth notice of a fresh local cluster;
-- Ray Data's INFO console logs, DeprecationWarnings and MLflow's INFO lines in the processes of a
+- Ray Data's INFO console logs and its "Progress bars disabled" warning, DeprecationWarnings and MLflow's INFO lines in the processes of a
   *local* cluster (environment variables inherited by the processes `ray.init` starts). A cluster joined
   through RAY_ADDRESS keeps its own settings (set them in its runtime_env).
 """
@@ -31,6 +31,7 @@ handlers:
   console: {class: ray._private.log.PlainRayHandler, formatter: ray, level: WARNING}
 loggers:
   ray.data: {level: DEBUG, handlers: [file, console], propagate: false}
+  ray.data._internal.progress: {level: DEBUG, handlers: [file], propagate: false}
 """
 
 
@@ -39,9 +40,10 @@ def quiet_environment(progress_bars: bool = False) -> dict[str, str]:
     env = {"PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning", "MLFLOW_LOGGING_LEVEL": "WARNING"}
     if not progress_bars:
         path = os.path.join(tempfile.gettempdir(), "shortcut-ray-data-logging.yaml")
-        if not os.path.exists(path):
-            with open(path, "w") as f:
-                f.write(_DATA_LOGGING_YAML)
+        if not os.path.exists(path) or open(path).read() != _DATA_LOGGING_YAML:  # (an older version's file)
+            from .storage import atomic_write
+
+            atomic_write(path, _DATA_LOGGING_YAML.encode())
         env["RAY_DATA_LOGGING_CONFIG"] = path  # Ray Data's INFO lines go to its log file only
     return env
 

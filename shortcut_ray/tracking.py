@@ -93,12 +93,22 @@ def is_temporary(location: str) -> bool:
     return bool(re.search(r"/ray/session_[^/]+/", location or ""))
 
 
+def _quiet_mlflow() -> None:
+    """MLflow's INFO lines off (after its import, which sets its logger to INFO)."""
+    import logging
+
+    import mlflow  # noqa: F401 - configures the "mlflow" logger, which is then turned down
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def ensure_experiment(cfg: TrackingConfig, log=print) -> str:
     """Create the experiment on the driver, with a durable artifact location for a local store (created
     inside a Ray worker, its artifacts went to the worker's temporary working directory); report an
     existing experiment whose artifacts go to a temporary directory. Returns its id."""
     from mlflow.tracking import MlflowClient
 
+    _quiet_mlflow()  # "Creating initial MLflow database tables..." when a new local store is made
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
@@ -130,15 +140,13 @@ class MlflowTracker:
     retry_after_s = 60.0
 
     def __init__(self, tracking_uri: str, experiment: str):
-        import logging
-
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # after the import, which sets it to INFO
+        _quiet_mlflow()
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri

@@ -436,6 +436,7 @@ def _quiet_worker() -> None:
 
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # Ray Data -> torch
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # MLflow, our pyfunc
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" on a fresh machine
     try:  # "Reporting training result N: TrainingReport(...)" per rank and checkpoint: Train V2 logs it at INFO
         from ray.train.v2._internal.execution import context  # under the file's path, not under "ray.train"
 

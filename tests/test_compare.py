@@ -23,9 +23,16 @@ def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tmp_path, monk
     argv = ["--preset", "compare_digits_tiny", "--output", str(out),
             "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     try:
-        assert main(argv) == 0
+        assert main(argv + ["--tune"]) == 0
         results = json.loads((out / "results.json").read_text())
-        assert set(results["methods"]) == {m.name for m in METHODS}
+        assert set(results["methods"]) == {m.name for m in METHODS} | {"shortcut_tuned"}
+        tuned = results["tuned"]  # a 2-point grid at the same budget, selected on the in-loop metric
+        assert tuned["metric"] == "eval/fd_pixel/N1" and len(tuned["trials"]) == 2
+        assert tuned["won"]["objective.bootstrap_every"] in (4, 8)
+        best = min(tuned["trials"], key=lambda t: t["eval/fd_pixel/N1"])
+        assert best["params"]["objective.bootstrap_every"] == tuned["won"]["objective.bootstrap_every"]
+        assert results["methods"]["shortcut_tuned"]["tuned"]["won"] == tuned["won"]
+        assert f"bootstrap_every={tuned['won']['objective.bootstrap_every']}" in results["methods"]["shortcut_tuned"]["label"]
         for name, r in results["methods"].items():
             for n in (1, 2, 4, 8, 128):
                 assert math.isfinite(r["metrics"][f"fd_pixel/N{n}"]), (name, n)
@@ -34,10 +41,11 @@ def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tmp_path, monk
         assert "--count" in results["commands"]["pairs"] and "jobs.train" in results["commands"]["reflow"]
         table = (out / "results.md").read_text()
         assert "| real vs real (floor) |" in table and "Progressive distillation | 2-stage" in table
+        assert "| Shortcut models, tuned (bootstrap_every=" in table
         for f in ("fd_vs_steps.png", "strips.png"):
             assert (out / f).stat().st_size > 1000
         before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-        assert main(argv + ["--resume"]) == 0  # everything is done: nothing is trained, evaluated or rewritten
+        assert main(argv + ["--resume", "--tune"]) == 0  # all done: nothing is trained, evaluated or rewritten
         after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
         assert after == before
     finally:
