@@ -66,8 +66,10 @@ class Protocol:
     pairs: int = 2048
     pair_steps: int = 128  # teacher Euler steps per pair (ALGORITHM §6.6 default: 128, EMA weights)
     strip: int = 6  # images per method and N in the sample-strip picture
-    tune_space: tuple = ("objective.bootstrap_every=grid(4,8,16)", "ema.decay=grid(0.99,0.999)")
-    """--tune: the grid (tune_space.parse_space syntax); every point trains the full budget."""
+    tune_space: tuple = ()
+    """--tune: the grid (tune_space.parse_space syntax; every point trains the full budget); empty: the
+    project's default sweep space for the budget (tune_space.default_space: the bootstrap_every values
+    that give every level a row x the EMA decays whose horizon is at most max_steps/4), as a grid."""
     tune_n: int = 1  # --tune selects on eval/<fd_pixel or fid>/N<tune_n> (the project's sweep default: N=1)
 
 
@@ -318,19 +320,16 @@ def _evaluate_into(base: Config, method: Method, ckpt: str, out: str, protocol: 
     return files
 
 
-def tune_base(base: Config, out: str, state: dict, protocol: Protocol) -> tuple[Config, str]:
-    """The sweep's base config and selection metric: shortcut at the comparison's budget, one in-loop
-    evaluation at the last step at N = tune_n with eval.seed + 1 (other noise than the table's) against
-    the images the trial trained on first (another sample than the table's reference)."""
-    from .config import override
-
+def tune_base(base: Config, out: str, state: dict, protocol: Protocol) -> tuple[Config, list[str], str]:
+    """The sweep's base config, the --set list that makes it and the selection metric: shortcut at the
+    comparison's budget, one in-loop evaluation at the last step at N = tune_n with eval.seed + 1 (other
+    noise than the table's) against the images the trial trained on first (not the table's reference)."""
     metric = f"eval/{'fid' if base.eval.fid_weights else 'fd_pixel'}/N{protocol.tune_n}"
-    cfg = override(base, {
-        "objective.train_type": "shortcut", "train.storage_path": os.path.join(out, "runs"),
-        "train.eval_every": base.train.max_steps, "eval.fid_steps": (protocol.tune_n,),
-        "eval.seed": base.eval.seed + 1, "eval.diagnostics": False,
-        "tracking.tags": f"compare={state['name']},compare.method={TUNED.name}"})
-    return cfg, metric
+    sets = ["objective.train_type=shortcut", f"train.storage_path={os.path.join(out, 'runs')}",
+            f"train.eval_every={base.train.max_steps}", f"eval.fid_steps=[{protocol.tune_n}]",
+            f"eval.seed={base.eval.seed + 1}", "eval.diagnostics=false",
+            f"tracking.tags=compare={state['name']},compare.method={TUNED.name}"]
+    return apply_overrides(base, sets), sets, metric
 
 
 def _tuned(base: Config, out: str, state: dict, protocol: Protocol, log) -> None:
@@ -339,13 +338,13 @@ def _tuned(base: Config, out: str, state: dict, protocol: Protocol, log) -> None
     stage = f"tune:{TUNED.name}"
     if not is_done(state, stage):
         from .tune import run_sweep
-        from .tune_space import parse_space
+        from .tune_space import default_space, parse_space
 
-        cfg, metric = tune_base(base, out, state, protocol)
-        space = parse_space(protocol.tune_space, cfg)
+        cfg, sets, metric = tune_base(base, out, state, protocol)
+        space = parse_space(protocol.tune_space, cfg) if protocol.tune_space else default_space(cfg)
         name = f"{state['name']}-tune"
-        log(f"[compare] tuning shortcut: grid {', '.join(protocol.tune_space)} on {metric}, "
-            f"{cfg.train.max_steps} steps per trial")
+        log(f"[compare] tuning shortcut: grid " + ", ".join(f"{k}={d.spec()}" for k, d in space.items())
+            + f" on {metric}, {cfg.train.max_steps} steps per trial")
         res = run_sweep(cfg, name=name, space=space, num_samples=1, scheduler="fifo", search="grid",
                         metric=metric, resume=True, log=log)
         if not res.finished or not res.best_checkpoint:
@@ -355,7 +354,8 @@ def _tuned(base: Config, out: str, state: dict, protocol: Protocol, log) -> None
         trials = [{"params": t["params"], metric: t.get(metric), "status": t["status"]} for t in res.trials]
         cmd = shlex.join([sys.executable, "-m", "jobs.sweep", "--preset", state["preset"], "--name", name,
                           "--scheduler", "fifo", "--search", "grid", "--metric", metric]
-                         + [a for spec in protocol.tune_space for a in ("--space", spec)])
+                         + [a for kv in [*state["sets"], *sets] for a in ("--set", kv)]
+                         + [a for k, d in space.items() for a in ("--space", f"{k}=grid({d.spec().split('(', 1)[1]}")])
         mark_done(out, state, stage, [], checkpoint=res.best_checkpoint, won=won, trials=trials,
                   metric=metric, sweep=res.path, command=cmd)
     if not is_done(state, f"eval:{TUNED.name}"):
