@@ -17,7 +17,10 @@ elapsed / steps, with the host sync of the logged loss inside the interval):
 The runs follow --sequence (default a,b1,a: the plain loop before and after shows drift of the shared
 machine). The first --skip-intervals intervals of every run are dropped (start-up: first epoch,
 allocator warm-up). ratio = median Ray interval step time / median plain interval step time; goal
-<= 1.10. Sample grids, FID and checkpoints are off in both (train.*_every = 0).
+<= 1.10. Whole runs (issue 15): ratio_whole_run compares first-to-last-log spans with epoch starts and
+checkpoints inside (--checkpoint-every N: both write them), ratio_start_to_end the whole fit() against
+create + loop. Sample grids, FID and the end-of-run model logging are off in both.
+    python -m bench.ray_overhead --threads 2 --steps 1500 --log-every 100 --checkpoint-every 500 --sequence a,b1,a
 Writes bench/results/ray_overhead.json.
 """
 
@@ -42,8 +45,12 @@ from shortcut_ray.train_step import TrainState
 EXPERIMENT = "bench-ray-overhead"
 
 
-def plain_loop(cfg, x_all: torch.Tensor, y_all: torch.Tensor, device: torch.device) -> dict:
-    """(a): the step loop with nothing around it; per-interval step times as the worker measures them."""
+def plain_loop(cfg, x_all: torch.Tensor, y_all: torch.Tensor, device: torch.device, ckpt_dir: str = "") -> dict:
+    """(a): the step loop with nothing around it but the checkpoints a run writes (checkpoint.save at
+    train.checkpoint_every, as the worker); per-interval step times as the worker measures them, plus
+    the timestamp of every interval (whole-run span: first to last logged interval, as for Ray)."""
+    from shortcut_ray import checkpoint
+
     t_all = time.perf_counter()
     state = TrainState.create(cfg, device)
     x_all, y_all = x_all.to(device), y_all.to(device)
@@ -62,9 +69,15 @@ def plain_loop(cfg, x_all: torch.Tensor, y_all: torch.Tensor, device: torch.devi
             if state.step % every == 0 or state.step == last:
                 float(metrics["loss"])  # the host sync of the worker's _log
                 now = time.perf_counter()
-                intervals.append({"step": state.step, "step_time_s": (now - t_log) / since})
+                intervals.append({"step": state.step, "step_time_s": (now - t_log) / since, "t": now - t_start})
                 t_log, since = now, 0
-    return {"intervals": intervals, "train_s": time.perf_counter() - t_start, "total_s": time.perf_counter() - t_all}
+            ck = cfg.train.checkpoint_every
+            if ckpt_dir and ck > 0 and (state.step % ck == 0 or state.step == last):
+                checkpoint.save(os.path.join(ckpt_dir, checkpoint.dir_name(state.step)), state.model, state.ema,
+                                state.optimizer, state.step, cfg)
+    span = intervals[-1]["t"] - intervals[0]["t"] if len(intervals) > 1 else None
+    return {"intervals": intervals, "train_s": time.perf_counter() - t_start, "total_s": time.perf_counter() - t_all,
+            "logged_span_s": span, "span_steps": intervals[-1]["step"] - intervals[0]["step"] if span else None}
 
 
 def ray_run(cfg, workers: int, tmp: str, name: str) -> dict:
@@ -93,8 +106,9 @@ def ray_run(cfg, workers: int, tmp: str, name: str) -> dict:
     intervals = [{"step": m.step, "step_time_s": m.value, "data_wait_frac": wait.get(m.step),
                   "wall_step_time_s": wall.get(m.step)} for m in hist["perf/step_time_s"]]
     train_s = (loss[-1].timestamp - loss[0].timestamp) / 1000 if len(loss) > 1 else None
-    return {"intervals": intervals, "fit_s": total, "run_id": run.info.run_id,
-            "logged_span_s": train_s, "final_step": result.metrics.get("step") if result.metrics else None}
+    return {"intervals": intervals, "fit_s": total, "run_id": run.info.run_id, "logged_span_s": train_s,
+            "span_steps": loss[-1].step - loss[0].step if len(loss) > 1 else None,
+            "final_step": result.metrics.get("step") if result.metrics else None}
 
 
 def summarise(run: dict, skip: int) -> dict:
@@ -142,6 +156,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=5, help="train.log_every: the interval of one step-time sample")
     p.add_argument("--skip-intervals", type=int, default=2, help="start-up intervals dropped from every run")
     p.add_argument("--sequence", default="a,b1,a", help="runs in order: a = plain loop, bN = Ray with N workers")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="train.checkpoint_every of every run; the plain loop writes the same checkpoints")
     # --threads: torch threads of the plain loop AND of every Ray worker ($SHORTCUT_RAY_THREADS); 1 is
     # fastest on a small shared machine
     p.set_defaults(threads=1, out="ray_overhead")
@@ -159,7 +175,7 @@ def run_sequence(args, cfg, x_all, y_all, device) -> list[dict]:
     runs = []
     for i, what in enumerate(args.seq):
         t = time.perf_counter()
-        res = plain_loop(cfg, x_all, y_all, device) if what == "a" else \
+        res = plain_loop(cfg, x_all, y_all, device, os.path.join(tmp, f"plain-{i}")) if what == "a" else \
             ray_run(cfg, int(what[1:]), tmp, f"overhead-{i}-{what}")
         res = {"run": what, "index": i, **res, "summary": summarise(res, args.skip_intervals),
                "seconds": time.perf_counter() - t}
@@ -179,6 +195,15 @@ def ratios_of(runs: list[dict], skip: int) -> dict:
         return agg(vals) if vals else None
 
     a_med, a_mean = pooled("a"), pooled("a", agg=statistics.fmean)
+
+    def whole(kind: str, key: str) -> float | None:  # summed over the runs of a kind, per step
+        rs = [r for r in runs if r["run"] == kind and r.get(key) and r.get("span_steps")]
+        return sum(r[key] for r in rs) / sum(r["span_steps"] for r in rs) if rs else None
+
+    def start_to_end(kind: str) -> float | None:  # fit() (Ray) / create + loop (plain), per run
+        vals = [r.get("fit_s") or r.get("total_s") for r in runs if r["run"] == kind]
+        return statistics.fmean(vals) if vals else None
+
     ratios = {}
     for kind in sorted({r["run"] for r in runs if r["run"] != "a"}):
         ratios[kind] = r = {
@@ -188,9 +213,15 @@ def ratios_of(runs: list[dict], skip: int) -> dict:
             "ratio_wall_mean": (pooled(kind, "wall_step_time_s", statistics.fmean) or float("nan")) / a_mean,
             "step_time_median_s": pooled(kind), "plain_step_time_median_s": a_med,
             "data_wait_frac_median": pooled(kind, "data_wait_frac"),
-            "data_wait_frac_mean": pooled(kind, "data_wait_frac", statistics.fmean)}
+            "data_wait_frac_mean": pooled(kind, "data_wait_frac", statistics.fmean),
+            "ratio_whole_run": (whole(kind, "logged_span_s") or float("nan")) / (whole("a", "logged_span_s") or float("nan")),
+            "whole_run_s_per_step": whole(kind, "logged_span_s"), "plain_whole_run_s_per_step": whole("a", "logged_span_s"),
+            "ratio_start_to_end": (start_to_end(kind) or float("nan")) / (start_to_end("a") or float("nan")),
+            "start_to_end_s": start_to_end(kind), "plain_start_to_end_s": start_to_end("a")}
         print(f"{kind}: ratio {r['ratio_median']:.3f} (median), {r['ratio_mean']:.3f} (mean), wall-clock "
-              f"{r['ratio_wall_median']:.3f} (median), {r['ratio_wall_mean']:.3f} (mean); goal <= 1.10", flush=True)
+              f"{r['ratio_wall_median']:.3f} (median), {r['ratio_wall_mean']:.3f} (mean), whole run "
+              f"{r['ratio_whole_run']:.3f} (first to last log, checkpoints and epoch starts included), start to "
+              f"end {r['ratio_start_to_end']:.3f} (fit() incl. Ray start-up vs create + loop); goal <= 1.10", flush=True)
     return ratios
 
 
@@ -200,7 +231,12 @@ DEFINITIONS = {
     "wall_step_time_s": "b only: difference of consecutive MLflow timestamps of train/loss / steps, i.e. "
                         "including metric logging and everything else between two logs",
     "ratio_median": "pooled median over the kept intervals of all bN runs / the same for all a runs",
-    "ratio_mean": "the same with means (includes the epoch-restart spikes the median hides)"}
+    "ratio_mean": "the same with means (includes the epoch-restart spikes the median hides)",
+    "ratio_whole_run": "whole runs: (time from the first to the last logged interval) / steps in that span, "
+                       "summed over the bN runs, over the same for the plain runs; epoch boundaries and the "
+                       "checkpoints (train.checkpoint_every, written by both) are inside the span",
+    "ratio_start_to_end": "mean fit() wall time (Ray Train controller, worker group, Ray Data, MLflow start-up "
+                          "and tear-down included) over the plain loop's TrainState.create + loop"}
 
 
 def main(argv=None) -> int:
@@ -211,7 +247,8 @@ def main(argv=None) -> int:
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet that ray.init starts
     cfg = apply_overrides(get_preset(args.preset), [
         f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.sample_every=0",
-        "train.checkpoint_every=0", "train.eval_every=0", f"train.use_gpu={device.type == 'cuda'}", *args.set])
+        f"train.checkpoint_every={args.checkpoint_every}", "train.eval_every=0", "tracking.log_model=false",
+        f"train.use_gpu={device.type == 'cuda'}", *args.set])
     import ray
 
     ray.init(num_cpus=args.ray_cpus or os.cpu_count())
