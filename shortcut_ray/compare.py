@@ -7,11 +7,9 @@ pairs from the teacher (pairs.generate) and two-stage reflow on them. Each metho
 launch.fit (Ray Train) as a child MLflow run of one parent run; the runs go one after another.
 
 Evaluation is identical for every method and runs here on the driver from each final checkpoint
-(checkpoint.load_for_inference): evaluation.Evaluator with the same eval.fid_samples, the same fixed
-noise (eval.seed) and the same reference (the first fid_samples images of the dataset in file
-order), at eval.fid_steps, each method with its own sampler rule (recorded). The real-vs-real floor
-is the next fid_samples images against the same reference. FD (pixel space) always; FID as well when
-eval.fid_weights is set.
+(compare_eval.py): the same samples, noise, N and reference, each method with its own sampler rule
+(recorded), and the real-vs-real floor at that sample count. FD (pixel space) always; FID as well when
+eval.fid_weights is set. With --tune a grid sweep of shortcut at the same budget adds a tuned row.
 
 State: <out>/state.json lists the finished stages; with resume=True a stage listed there whose files
 exist is skipped, so a crash or Ctrl-C continues where it stopped (a half-trained method resumes from
@@ -28,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .compare_eval import evaluate_into, floor
 from .config import Config, ConfigError, apply_overrides
 
 STATE_FILE = "state.json"
@@ -150,112 +149,6 @@ def train_method(base: Config, method: Method, sets: list[str], out: str, log=pr
     return path
 
 
-# -- evaluation ---------------------------------------------------------------------------------------
-
-def real_images(data_cfg, count: int):
-    """The first `count` images of the dataset in file order (no flip), model space, (count, C, H, W)."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    import torch
-
-    from .data import decode_batch, resolve_dataset
-    from .shards import dataset_info, filesystem, join_uri
-
-    uri = resolve_dataset(data_cfg)
-    info = dataset_info(uri)
-    fs, root = filesystem(uri)
-    chunks, have = [], 0
-    for shard in info["shards"]:
-        with fs.open(join_uri(root, shard["file"]), "rb") as f:
-            table = pq.read_table(f)
-        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-        x = decode_batch(batch, kind=data_cfg.kind, channels=data_cfg.channels, image_size=data_cfg.image_size,
-                         random_flip=False, latent_scale=data_cfg.latent_scale,
-                         latent_shape=info.get("latent_shape"))["image"]
-        chunks.append(x[:count - have])
-        have += len(chunks[-1])
-        if have >= count:
-            return torch.from_numpy(np.concatenate(chunks))
-    raise ConfigError(f"the dataset {uri} has {have} images; the comparison needs {count} (eval.fid_samples for "
-                      f"the reference plus as many for the real-vs-real floor): lower eval.fid_samples")
-
-
-def reference_evaluator(cfg: Config, ref):
-    import torch
-
-    from .evaluation import Evaluator
-
-    ev = Evaluator(cfg, torch.device("cpu"))
-    ev.set_reference(ref)
-    return ev
-
-
-def floor(cfg: Config) -> dict:
-    """Real vs real at the comparison's sample count: images n..2n-1 against the reference 0..n-1."""
-    from .evaluation import pooled
-    from .fid import FeatureStats
-
-    n = cfg.eval.fid_samples
-    images = real_images(cfg.data, 2 * n)
-    ev = reference_evaluator(cfg, images[:n])
-    held = images[n:]
-    out = {"samples": n, "images": f"dataset images {n}..{2 * n - 1} vs the reference 0..{n - 1} (file order)",
-           "fd_pixel": FeatureStats.from_features(pooled(held).numpy()).frechet_distance(ev.ref_pixel)}
-    if ev.inception is not None:
-        feats = ev.inception(ev._display(held)).double().cpu().numpy()
-        out["fid"] = FeatureStats.from_features(feats).frechet_distance(ev.ref_fid)
-    return out
-
-
-def sampler_record(cfg: Config) -> dict:
-    """The method's own sampling rule: update, sampler option and the level k of every step per N."""
-    from .objectives import for_sampling
-
-    obj = for_sampling(cfg)
-    per_n = {}
-    for n in cfg.eval.fid_steps:
-        ks = [st.k for st in obj.sample_steps(n)]
-        per_n[str(n)] = ks if len(ks) <= 8 else f"{len(ks)} steps, k in {sorted(set(ks))}"
-    return {"objective": type(obj).__name__, "update": type(obj).sample_update.__qualname__,
-            "objective.sampler": cfg.objective.sampler, "cfg_scale": cfg.eval.cfg_scale, "k_per_N": per_n}
-
-
-def evaluate_method(ckpt: str, base: Config, strip: int) -> tuple[dict, "object"]:
-    """Metrics at every N with the comparison's own eval settings, plus a sample strip per N from the
-    fixed noise of eval.seed; returns (record, strips (len(N), strip, C, H, W) numpy)."""
-    import numpy as np
-    import torch
-
-    from .checkpoint import load_for_inference
-    from .objectives import for_sampling
-    from .sampler import fixed_noise, sample
-
-    model, cfg, meta = load_for_inference(ckpt, "auto")
-    cfg = dataclasses.replace(cfg, eval=base.eval)  # identical samples, noise, N and reference for all
-    ev = reference_evaluator(cfg, real_images(base.data, cfg.eval.fid_samples))
-    metrics, report = ev.run(model)
-    d = cfg.data
-    noise = fixed_noise((strip, d.channels, d.image_size, d.image_size), cfg.eval.seed)
-    labels = (torch.arange(strip) % d.num_classes if cfg.objective.class_conditional
-              else torch.full((strip,), d.num_classes))
-    obj = for_sampling(cfg)
-    strips = np.stack([sample(model, noise, labels, n, cfg.eval.cfg_scale, d.num_classes,
-                              cfg.objective.denoise_timesteps, objective=obj).clamp(-1, 1).numpy()
-                       for n in cfg.eval.fid_steps])
-    record = {"checkpoint": ckpt, "step": meta["step"], "weights": meta["weights"], "mlflow_run_id":
-              meta.get("mlflow_run_id"), "metrics": metrics, "report": report, "sampler": sampler_record(cfg)}
-    return record, strips
-
-
-def log_child(tracking_uri: str, record: dict) -> None:
-    """The comparison's metrics into the method's own MLflow run, at its final step."""
-    from .tracking import log_metrics_to_run
-
-    if record.get("mlflow_run_id"):
-        log_metrics_to_run(tracking_uri, record["mlflow_run_id"],
-                           {f"compare/{k}": v for k, v in record["metrics"].items()}, record["step"])
-
-
 # -- the protocol -------------------------------------------------------------------------------------
 
 def _parent(base: Config, state: dict):
@@ -300,24 +193,8 @@ def _method(base: Config, method: Method, out: str, state: dict, protocol: Proto
                   command=train_command(state["preset"], state["sets"], sets))
     if not is_done(state, f"eval:{method.name}"):
         log(f"[compare] evaluating {method.name} at N = {list(base.eval.fid_steps)}")
-        files = _evaluate_into(base, method, state["done"][stage]["checkpoint"], out, protocol)
+        files = evaluate_into(base, method, state["done"][stage]["checkpoint"], out, protocol.strip)
         mark_done(out, state, f"eval:{method.name}", files)
-
-
-def _evaluate_into(base: Config, method: Method, ckpt: str, out: str, protocol: Protocol, **extra) -> None:
-    """evaluate_method -> <out>/eval/<method>.json/.npy (+ the method's MLflow run); records the stage."""
-    import numpy as np
-
-    record, strips = evaluate_method(ckpt, base, protocol.strip)
-    record.update(method=method.name, kind=method.kind, label=method.label, **extra)
-    files = [os.path.join(out, "eval", f"{method.name}.json"), os.path.join(out, "eval", f"{method.name}.npy")]
-    os.makedirs(os.path.dirname(files[0]), exist_ok=True)
-    with open(files[0], "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-    np.save(files[1], strips)
-    if base.tracking.enabled:
-        log_child(base.tracking.tracking_uri, record)
-    return files
 
 
 def tune_base(base: Config, out: str, state: dict, protocol: Protocol) -> tuple[Config, list[str], str]:
@@ -362,7 +239,7 @@ def _tuned(base: Config, out: str, state: dict, protocol: Protocol, log) -> None
         rec = state["done"][stage]
         label = TUNED.label + " (" + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in rec["won"].items()) + ")"
         log(f"[compare] evaluating {label} at N = {list(base.eval.fid_steps)}")
-        files = _evaluate_into(base, dataclasses.replace(TUNED, label=label), rec["checkpoint"], out, protocol,
+        files = evaluate_into(base, dataclasses.replace(TUNED, label=label), rec["checkpoint"], out, protocol.strip,
                                tuned={"won": rec["won"], "selection_metric": rec["metric"], "trials": rec["trials"]})
         mark_done(out, state, f"eval:{TUNED.name}", files)
 
