@@ -298,14 +298,18 @@ class EpochStream:
 
     _END = object()
 
-    def __init__(self, shard, local_batch: int, data_cfg: DataConfig, device=None, seed: int = 0):
+    def __init__(self, shard, local_batch: int, data_cfg: DataConfig, device=None, seed: int = 0,
+                 rows_per_rank: int | None = None):
         self._args = (shard, local_batch, data_cfg, device)
         self._inline = None
         self._stop = threading.Event()
         self._thread = None
         self._readahead_after_epoch = False
         self._cache = None
-        if data_cfg.cache_mb > 0:
+        # rows_per_rank (from the manifest): a share known to exceed the budget streams from the start
+        # instead of filling the budget (device memory on GPU) during the first epoch and then letting go
+        fits = rows_per_rank is None or rows_per_rank * decoded_row_bytes(data_cfg) <= data_cfg.cache_mb << 20
+        if data_cfg.cache_mb > 0 and fits:
             self._cache = EpochCache(local_batch, data_cfg.cache_mb << 20, seed,
                                      flip=data_cfg.random_flip and data_cfg.kind == "pixels",
                                      latents=data_cfg.kind == "latents")

@@ -173,7 +173,8 @@ class Runner:
         t_log, steps_since, wait = time.perf_counter(), 0, 0.0
         # cached epochs (data.cache_mb) are ordered by (seed, rank, epoch at start): a resumed run draws new orders
         stream = data.EpochStream(shard, st.local_batch, cfg.data, self.device,
-                                  seed=(cfg.train.seed * 1009 + self.rank) * 100_003 + self.epoch)
+                                  seed=(cfg.train.seed * 1009 + self.rank) * 100_003 + self.epoch,
+                                  rows_per_rank=self._rows_per_rank())
         try:
             while st.step < last:
                 steps_this_epoch = 0
@@ -220,6 +221,14 @@ class Runner:
             raise
         finally:
             stream.close()
+
+    def _rows_per_rank(self) -> int | None:
+        """This rank's share of the dataset's rows (manifest count / world size); None when unknown."""
+        if not self.dataset_uri:
+            return None
+        from .shards import dataset_info
+
+        return -(-int(dataset_info(self.dataset_uri)["count"]) // self.world)
 
     # -- divergence (guard.py) -----------------------------------------------------------------------
     def _guard_step(self, metrics: dict, last: int) -> None:

@@ -350,6 +350,12 @@ def test_epoch_cache_over_budget_or_latents_streams_every_epoch():
     assert stream._thread is not None  # streaming from epoch 1 on, read ahead as without a cache
     assert len(_epoch_batches(stream)) == 11 and shard.epochs >= 2
     stream.close()
+    shard = RowShard(1100, size=16)  # the manifest says it cannot fit: streamed (read ahead) from the start
+    stream = data.EpochStream(shard, 100, DataConfig(image_size=16, channels=1, random_flip=False, cache_mb=1,
+                                                     readahead_mb=1), rows_per_rank=1100)
+    assert stream._cache is None and stream._thread is not None
+    stream.close()
+    assert data.EpochStream(RowShard(10), 5, DataConfig(image_size=16, channels=1), rows_per_rank=1000)._cache
     shard = RowShard(10)  # unpaired latents: decode draws new noise per read, so never cached
     stream = data.EpochStream(shard, 5, DataConfig(image_size=2, channels=1, kind="latents", readahead_mb=0))
     for _ in range(3):
