@@ -47,11 +47,11 @@ def save(state_dict: dict[str, torch.Tensor], cfg: Config, directory: str) -> tu
 
 class Generator:
     def __init__(self, model: nn.Module, cfg: Config, device: str | torch.device = "cpu"):
-        from .objectives import build_objective
+        from .objectives import for_sampling
 
         self.model, self.cfg, self.device = model.eval().to(device), cfg, torch.device(device)
         # the objective owns its sampler (Euler for shortcut / flow matching, multistep, DDIM)
-        self.objective = build_objective(cfg.objective, cfg.data.num_classes, cfg.train.global_batch)
+        self.objective = for_sampling(cfg)
 
     @classmethod
     def from_files(cls, weights: str, config: str, device: str | torch.device = "cpu") -> "Generator":

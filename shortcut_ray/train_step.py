@@ -19,7 +19,7 @@ from .config import Config
 from .distributed import gathered_teacher, is_sharded, parallelize, resolve_precision, world
 from .ema import make_ema, update_ema
 from .model import build_model
-from .objectives import Networks, Objective, build_objective, objective_class
+from .objectives import Networks, Objective, build_objective, data_range_of, objective_class
 from .optim import build_optimizer, lr_at, set_lr
 
 if TYPE_CHECKING:
@@ -59,7 +59,8 @@ class TrainState:
         model = parallelize(model, cfg.train, device)
         ema = parallelize(ema, cfg.train, device)
         optimizer = build_optimizer(model.parameters(), cfg.optim)
-        objective = build_objective(cfg.objective, cfg.data.num_classes, cfg.train.global_batch, rank, ws)
+        objective = build_objective(cfg.objective, cfg.data.num_classes, cfg.train.global_batch, rank, ws,
+                                    data_range=data_range_of(cfg.data))
         lay = objective.layout  # the step's batch sizes: compiled graphs use them unpadded
         for m in (model, ema):
             m.exact_batches = frozenset({lay.local_batch, lay.n_boot, lay.n_boot + lay.n_cfg} - {0})

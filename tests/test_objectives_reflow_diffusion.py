@@ -264,3 +264,36 @@ def test_ddim_with_the_exact_epsilon_recovers_the_data(recorder, n):
     torch.testing.assert_close(out.double(), x_star.expand(2, -1, -1, -1), rtol=1e-4, atol=1e-4)
     assert [c["t"][0].item() for c in f.calls[:2]] == pytest.approx([s.t for s in o.sample_steps(n)[:2]])
     assert f.calls[0]["t"][0].item() == 0.0  # the first call is at the noisiest step (pitfall 1)
+
+
+def test_ddim_clips_pixel_estimates_and_rederives_epsilon():
+    """Pixels (data_range 1): x1_hat is clipped to [-1, 1] and eps re-derived from it; latents are not
+    clipped. At the noisiest step an eps error of 0.05 would otherwise put x1_hat near +-8."""
+    from shortcut_ray.config import DataConfig
+    from shortcut_ray.objectives import data_range_of, for_sampling
+
+    assert data_range_of(DataConfig(kind="pixels")) == 1.0 and data_range_of(DataConfig(kind="latents")) is None
+    cfg = Config(objective=ObjectiveConfig(train_type="diffusion"))
+    assert for_sampling(cfg).data_range == 1.0  # the default data is pixels
+    pix = build_objective(ObjectiveConfig(train_type="diffusion"), NULL, 64, data_range=1.0)
+    lat = obj("diffusion")
+    ab = pix.schedule.alpha_bar()
+    x, s = torch.randn(3, C, H, H), torch.randn(3, C, H, H)
+    step = pix.sample_steps(4)[1]  # tau 749 -> 499
+    a, a_next = ab[749].item(), ab[499].item()
+    x1 = ((x - (1 - a) ** 0.5 * s) / a ** 0.5).clamp(-1, 1)
+    eps = (x - a ** 0.5 * x1) / (1 - a) ** 0.5
+    torch.testing.assert_close(pix.sample_update(x, s, step, None), a_next ** 0.5 * x1 + (1 - a_next) ** 0.5 * eps)
+    assert not torch.allclose(lat.sample_update(x, s, step, None), pix.sample_update(x, s, step, None))
+    last = pix.sample_steps(4)[-1]  # to clean data: the clipped estimate itself
+    assert pix.sample_update(x * 50, s, last, None).abs().max() <= 1.0
+    assert lat.sample_update(x * 50, s, last, None).abs().max() > 1.0
+    # an in-range estimate is untouched: the exact-epsilon recovery holds with the clip on
+    x_star = torch.rand(1, C, H, H).double() * 1.8 - 0.9
+
+    def oracle(x, t, k, y):
+        abt = pix.alpha_bar_at(t[0].item())
+        return (x.double() - abt ** 0.5 * x_star) / (1 - abt) ** 0.5
+
+    out = sample(oracle, fixed_noise((2, C, H, H), 0).double(), torch.zeros(2, dtype=torch.long), 4, objective=pix)
+    torch.testing.assert_close(out.double(), x_star.expand(2, -1, -1, -1), rtol=1e-4, atol=1e-4)

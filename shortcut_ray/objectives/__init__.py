@@ -19,14 +19,24 @@ _LAZY = {name: "base" for name in ("Draws", "Layout", "Networks", "Objective", "
 _LAZY.update(bootstrap_levels="shortcut", ShortcutObjective="shortcut", FlowMatchingObjective="flow_matching")
 
 
-def build_objective(cfg, num_classes: int, global_batch: int, rank: int = 0, world: int = 1):
-    """The objective of `cfg.train_type` for this rank (cfg: config.ObjectiveConfig)."""
-    return objective_class(cfg.train_type)(cfg, num_classes, global_batch, rank, world)
+def build_objective(cfg, num_classes: int, global_batch: int, rank: int = 0, world: int = 1,
+                    data_range: float | None = None):
+    """The objective of `cfg.train_type` for this rank (cfg: config.ObjectiveConfig). data_range: the
+    data lives in [-data_range, data_range] (pixels: 1.0, see `data_range_of`); None for latents."""
+    obj = objective_class(cfg.train_type)(cfg, num_classes, global_batch, rank, world)
+    obj.data_range = data_range
+    return obj
+
+
+def data_range_of(data_cfg) -> float | None:
+    """Pixels are scaled to [-1, 1]; latents have no fixed range (config.DataConfig.kind)."""
+    return 1.0 if data_cfg.kind == "pixels" else None
 
 
 def for_sampling(cfg):
     """The objective of a whole run config (config.Config) on one process: its sampler rule and k schedule."""
-    return build_objective(cfg.objective, cfg.data.num_classes, cfg.train.global_batch)
+    return build_objective(cfg.objective, cfg.data.num_classes, cfg.train.global_batch,
+                           data_range=data_range_of(cfg.data))
 
 
 def __getattr__(name: str):
@@ -35,4 +45,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ALIASES", "build_objective", "for_sampling", "canonical", "names", "objective_class", *_LAZY]
+__all__ = ["ALIASES", "build_objective", "data_range_of", "for_sampling", "canonical", "names", "objective_class", *_LAZY]

@@ -177,6 +177,8 @@ class Objective:
     uses_pairs: bool = False  # trains on a stored (x0, x1) coupling: batches carry x0
     sampler: str = "euler"  # 'euler' | 'multistep' (consistency) | 'ddim' (diffusion)
 
+    data_range: float | None = None  # set by build_objective: pixels in [-1, 1]; None (latents) = unbounded
+
     def __init__(self, cfg: ObjectiveConfig, num_classes: int, global_batch: int, rank: int = 0, world: int = 1):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} does not split over {world} workers")

@@ -11,7 +11,11 @@ Sampling: DDIM with eta = 0 at N evenly spaced ("trailing") timesteps tau_i = T-
 i = 0..N-1, so N = 1 starts at tau = T-1 and N = T visits every timestep. One step from tau to tau'
 (tau' = -1 after the last, alpha_bar = 1):
     x1_hat = (x - sqrt(1 - ab) eps_hat) / sqrt(ab),   x <- sqrt(ab') x1_hat + sqrt(1 - ab') eps_hat.
-x1_hat is not clipped (latents have no fixed range). Guidance combines eps_hat like velocities.
+For pixel data (`data_range` = 1, set by build_objective from data.kind) x1_hat is clipped to [-1, 1]
+and eps_hat re-derived from the clipped x1_hat, as DDPM/DDIM codebases do for pixel models
+(`clip_denoised`): at tau = T-1, sqrt(alpha_bar) = 0.0064 multiplies any error of eps_hat by 156, and
+an unclipped 1000-step Fashion-MNIST model sampled values of +-50 (FD 20,631 at N = 1, 1,780 at
+N = 128). Latents (data_range None) are not clipped, as in DiT. Guidance combines eps_hat like velocities.
 """
 
 from __future__ import annotations
@@ -103,4 +107,7 @@ class DiffusionObjective(Objective):
     def sample_update(self, x: torch.Tensor, s: torch.Tensor, step: SampleStep, noise) -> torch.Tensor:
         ab, ab_next = self.alpha_bar_at(step.t), self.alpha_bar_at(step.t + step.d)
         x1_hat = (x - (1 - ab) ** 0.5 * s) / ab ** 0.5
+        if self.data_range is not None:  # pixels: the estimate stays in the data's range, eps follows it
+            x1_hat = x1_hat.clamp(-self.data_range, self.data_range)
+            s = (x - ab ** 0.5 * x1_hat) / (1 - ab) ** 0.5
         return ab_next ** 0.5 * x1_hat + (1 - ab_next) ** 0.5 * s
