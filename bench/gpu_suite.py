@@ -283,9 +283,14 @@ def stage_compile_ratio(args) -> dict:
 
 
 def stage_fsdp2(args) -> dict:
-    """Ray Train always runs the FSDP2 path (it creates a process group even for one worker):
-    the same steps in a real one-rank group, NCCL on GPU (gloo on CPU)."""
+    """The FSDP2 path of multi-worker runs (a single worker trains the plain module) measured on one
+    device: the same steps in a real one-rank group, sharded (distributed.SHARD_ONE_RANK), NCCL on GPU
+    (gloo on CPU)."""
     import torch.distributed as dist
+
+    import shortcut_ray.distributed as distributed
+
+    distributed.SHARD_ONE_RANK = True
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

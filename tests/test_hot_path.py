@@ -134,13 +134,34 @@ def test_autocast_path_has_bf16_activations():
 
 
 @pytest.fixture
-def one_rank_group(tmp_path):
-    """A real one-rank gloo process group (what Ray Train creates even for one worker)."""
+def one_rank_group(tmp_path, monkeypatch):
+    """A real one-rank gloo process group, sharded with FSDP2 (training leaves one rank unsharded:
+    distributed.SHARD_ONE_RANK exercises the multi-worker path on one device)."""
     import torch.distributed as dist
 
+    import shortcut_ray.distributed as distributed
+
+    monkeypatch.setattr(distributed, "SHARD_ONE_RANK", True)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def test_one_worker_trains_the_plain_module(tmp_path):
+    """Ray Train creates a process group even for one worker; FSDP2 over one rank is pure overhead, so
+    a one-rank group trains the plain module (with autocast for bf16), as a single process does."""
+    import torch.distributed as dist
+
+    from shortcut_ray.distributed import is_sharded
+    from shortcut_ray.train_step import TrainState
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg1", rank=0, world_size=1)
+    try:
+        st = TrainState.create(tiny_config(precision="bf16"))
+        assert not is_sharded(st.model) and not is_sharded(st.ema)
+        assert st.step_on(*_batch(st.cfg))["loss"].isfinite()
+    finally:
+        dist.destroy_process_group()
 
 
 def _batch(cfg, seed: int = 3):
