@@ -227,12 +227,12 @@ def _tuned(base: Config, out: str, state: dict, protocol: Protocol, log) -> None
         if not res.finished or not res.best_checkpoint:
             raise RuntimeError(f"the tuning sweep {name} did not finish (or no trial reported {metric}); "
                                f"rerun with --resume to continue it")
-        won = {k: getattr(getattr(res.best_config, k.split(".")[0]), k.split(".")[1]) for k in space}
+        won = {k: res.best_config.flat()[k] for k in space}
         trials = [{"params": t["params"], metric: t.get(metric), "status": t["status"]} for t in res.trials]
         cmd = shlex.join([sys.executable, "-m", "jobs.sweep", "--preset", state["preset"], "--name", name,
                           "--scheduler", "fifo", "--search", "grid", "--metric", metric]
                          + [a for kv in [*state["sets"], *sets] for a in ("--set", kv)]
-                         + [a for k, d in space.items() for a in ("--space", f"{k}=grid({d.spec().split('(', 1)[1]}")])
+                         + [a for k, d in space.items() for a in ("--space", f"{k}={dataclasses.replace(d, kind='grid').spec()}")])
         mark_done(out, state, stage, [], checkpoint=res.best_checkpoint, won=won, trials=trials,
                   metric=metric, sweep=res.path, command=cmd)
     if not is_done(state, f"eval:{TUNED.name}"):
@@ -306,7 +306,7 @@ def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = Fals
         if state.get("tune"):
             _tuned(base, out, state, protocol, log)
         _floor(base, out, state, log)
-        results, files = write_report(out, state, methods, [m for m in TABLE_ORDER if m in {x.name for x in methods}])
+        results, files = write_report(out, state, methods, TABLE_ORDER)  # rows of methods that ran
         if tracker:
             tracker.log_metrics({f"{m}/{k}": v for m, r in results["methods"].items()
                                  for k, v in r["metrics"].items()}, base.train.max_steps)

@@ -55,7 +55,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.
     # One worker shards nothing: FSDP2 over a world of 1 only adds its all-gather/reduce-scatter copies
     # and DTensor dispatch (1.6x the step time of the digits run on CPU, issue 14). DCP checkpoints of
     # the plain module are the same global tensors, so runs resume across world sizes either way.
-    sharded = world()[1] > 1 or (SHARD_ONE_RANK and world()[1] == 1 and dist.is_available() and dist.is_initialized())
+    sharded = world()[1] > 1 or (SHARD_ONE_RANK and dist.is_available() and dist.is_initialized())
     if resolve_compile(cfg, device):
         _compile(model, whole=not sharded)
     if not sharded:
