@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 # The override path (and the error type) lives in overrides.py; importable from here as well.
+from .batch_layout import suggest_global_batch, validate_bootstrap_layout, validate_reflow_layout
 from .overrides import ConfigError, apply_overrides, coerce, field_type, from_dict, override, parse_overrides, \
     parse_value
 
@@ -371,14 +372,14 @@ class Config:
                            f"the model was never trained on steps smaller than 1/{m}")
         gb, nw = self.train.global_batch, self.train.num_workers
         _check(gb % nw == 0, f"train.global_batch ({gb}) must be divisible by train.num_workers ({nw}); e.g. set "
-                             f"train.global_batch={_suggest_global_batch(self.objective, gb, nw)}")
+                             f"train.global_batch={suggest_global_batch(self.objective, gb, nw)}")
         if self.objective.train_type == "shortcut":
             _check(self.objective.bootstrap_every >= 2,
                    "objective.bootstrap_every=1 makes every row a self-consistency row: no row gets the flow-matching "
                    "loss, the loss is exactly 0 and nothing is learned; use >= 2 (official: 8)")
-            _validate_bootstrap_layout(self.objective, gb, nw)
+            validate_bootstrap_layout(self.objective, gb, nw)
         elif self.objective.train_type == "live_reflow":
-            _validate_reflow_layout(self.objective, gb, nw)
+            validate_reflow_layout(self.objective, gb, nw)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -401,58 +402,3 @@ class Config:
             else:
                 out[section] = values
         return out
-
-
-def bootstrap_batch(objective: ObjectiveConfig, global_batch: int) -> int:
-    """B_b = B // bootstrap_every (ALGORITHM §2.1)."""
-    return global_batch // objective.bootstrap_every
-
-
-def _validate_bootstrap_layout(obj: ObjectiveConfig, global_batch: int, world: int) -> None:
-    """Refuse layouts the official code accepts but that silently drop step levels (§2.2, pitfall 9)."""
-    b_b = bootstrap_batch(obj, global_batch)
-    levels = obj.num_levels
-    per_level = b_b // levels if obj.bootstrap_dt_bias == 0 else (b_b // 2) // levels
-    need = levels if obj.bootstrap_dt_bias == 0 else 2 * levels
-    _check(per_level >= 1,
-           f"train.global_batch={global_batch} with objective.bootstrap_every={obj.bootstrap_every} gives "
-           f"{b_b} bootstrap rows, fewer than the {need} needed to give each of the {levels} step levels "
-           f"at least one row (bootstrap_dt_bias={obj.bootstrap_dt_bias}); with this the paper's code "
-           f"silently trains only d=1. Raise train.global_batch to at least "
-           f"{_suggest_global_batch(obj, max(global_batch, need * obj.bootstrap_every), world)} or lower "
-           f"objective.bootstrap_every.")
-    _check(b_b % world == 0,
-           f"the {b_b} bootstrap rows (train.global_batch // objective.bootstrap_every) must split evenly over "
-           f"train.num_workers={world}; e.g. set train.global_batch={_suggest_global_batch(obj, global_batch, world)}")
-    _check(not obj.bootstrap_cfg or obj.class_conditional,
-           "objective.bootstrap_cfg needs class labels; set objective.class_conditional=true or bootstrap_cfg=false")
-
-
-def _suggest_global_batch(obj: ObjectiveConfig, global_batch: int, world: int) -> int:
-    """The accepted global batch nearest to `global_batch` (the larger on a tie): divisible by the workers
-    and, for shortcut / live reflow, a valid bootstrap / reflow layout."""
-    def ok(b: int) -> bool:
-        if b < 1 or b % world:
-            return False
-        b_b = bootstrap_batch(obj, b)  # the checks of the layout validators below that depend on b
-        if obj.train_type == "live_reflow":
-            return b_b >= 1 and b_b % world == 0
-        if obj.train_type != "shortcut":
-            return True
-        per_level = b_b // obj.num_levels if obj.bootstrap_dt_bias == 0 else (b_b // 2) // obj.num_levels
-        return per_level >= 1 and b_b % world == 0
-
-    for delta in range(0, 1 << 13):
-        for b in (global_batch + delta, global_batch - delta):
-            if ok(b):
-                return b
-    return global_batch
-
-
-def _validate_reflow_layout(obj: ObjectiveConfig, global_batch: int, world: int) -> None:
-    """Live reflow replaces B // bootstrap_every flow rows by reflow rows, dealt over the workers (§6.5)."""
-    b_b = bootstrap_batch(obj, global_batch)
-    _check(b_b >= 1 and b_b % world == 0,
-           f"live reflow needs train.global_batch // objective.bootstrap_every = {b_b} reflow rows to be >= 1 "
-           f"and to split evenly over train.num_workers={world}; e.g. set "
-           f"train.global_batch={_suggest_global_batch(obj, global_batch, world)}")

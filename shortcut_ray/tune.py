@@ -1,5 +1,5 @@
-"""Hyper-parameter sweeps: schedulers, the Tune trial driver and MLflow bookkeeping (the search space
-lives in `tune_space`).
+"""Hyper-parameter sweeps: schedulers, the Tune trial driver and the sweep's result (the search space
+lives in `tune_space`, the MLflow parent and child runs in `sweep_runs`).
 
 Each Tune trial is a *driver function* that builds and fits one Ray Train `TorchTrainer` and forwards
 its rank-0 reports to Tune through `TuneReportCallback` (RAY_NOTES §3; `Tuner(trainer)` is
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from .config import Config, ConfigError, override
 from .storage import atomic_write, filesystem, is_remote
+from .sweep_runs import closer_callback, finish_parent, register_best, runs
 from .tune_space import (DRIVER_RESOURCE, Dim, asha_grace_period, check_metric, default_space,
                          expected_trials, fmt_value, max_concurrent_trials, param_space)
 
@@ -148,52 +149,6 @@ def _absolute(cfg: Config) -> Config:
     return cfg
 
 
-def _runs(tracker, filt: str):
-    return tracker.client.search_runs([tracker.experiment_id], filter_string=filt, max_results=5000)
-
-
-def close_trial_runs(tracker, parent_id: str, statuses: dict[str, str], run_name: str = "") -> list[str]:
-    """Close child runs still RUNNING after their trial ended (all, or the one of `run_name`) with
-    statuses[ray_run_name] (default KILLED). An ASHA stop kills the trial actor, so the worker never
-    ends its run (RAY_NOTES §3); a resumed trial's worker reopens it. Returns the closed run ids."""
-    filt = f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'"
-    closed = []
-    for r in _runs(tracker, filt + (f" and tags.ray_run_name = '{run_name}'" if run_name else "")):
-        tracker.client.set_terminated(r.info.run_id, statuses.get(r.data.tags.get("ray_run_name"), "KILLED"))
-        closed.append(r.info.run_id)
-    return closed
-
-
-def _final_status(error: bool, step, max_steps: int) -> str:
-    # a stop right after the last report (ASHA's top rung can sit at max_steps) still finished training
-    return "FAILED" if error else "FINISHED" if (step or 0) >= max_steps else "KILLED"
-
-
-def _closer_callback(tracking: dict, parent_id: str, sweep: str, max_steps: int):
-    """Tune callback closing a trial's child run as soon as the trial ends (it is pickled into the
-    sweep state, so it holds plain values and opens its MLflow client when called)."""
-    from ray import tune
-
-    class CloseTrialRuns(tune.Callback):
-        def _close(self, trial, error: bool):
-            from .tracking import MlflowTracker
-
-            name = f"{sweep}-{trial.trial_id}"
-            status = _final_status(error, (trial.last_result or {}).get("step"), max_steps)
-            try:
-                close_trial_runs(MlflowTracker(**tracking), parent_id, {name: status}, name)
-            except Exception as e:  # tracking trouble must not stop the sweep; the final pass retries
-                print(f"[shortcut-ray] sweep: could not close the MLflow run of {name}: {e}", flush=True)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._close(trial, error=False)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._close(trial, error=True)
-
-    return CloseTrialRuns()
-
-
 def _tune_config(scheduler, search, metric, mode, num_samples, concurrent, base):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -202,7 +157,7 @@ def _tune_config(scheduler, search, metric, mode, num_samples, concurrent, base)
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     # Rungs at grace * 2^k land on eval steps. A STOP on the top rung (max_t = max_steps) comes after
-    # the final report: the run is complete and is closed FINISHED (see _final_status).
+    # the final report: the run is complete and is closed FINISHED (see sweep_runs.final_status).
     sched = FIFOScheduler() if scheduler == "fifo" else ASHAScheduler(
         time_attr="step", max_t=base.train.max_steps, reduction_factor=2,
         grace_period=asha_grace_period(base, metric, 2), stop_last_trials=False)
@@ -226,11 +181,9 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
     `name` if it exists -- its stored base config, space, scheduler and metric win over the arguments."""
     import datetime
 
-    import ray
     from ray import tune
 
-    from . import data
-    from .launch import preflight, resolve_runtime, storage_root
+    from .launch import storage_root
     from .storage import pyarrow_filesystem
     from .tracking import MlflowTracker
 
@@ -239,82 +192,126 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
     name = name or f"sweep-{base.preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     root = storage_root(_absolute(base)).rstrip("/")
     fs, root_path = pyarrow_filesystem(root)
-    exp_uri, exp_path = f"{root}/{name}", f"{root_path}/{name}"
+    exp = _Experiment(name, root, fs, root_path)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # checkpoint-only reports carry no eval metric
     ensure_ray()
-    restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    restoring = tune.Tuner.can_restore(exp.path, storage_filesystem=fs)
     if restoring and not resume:
-        raise ConfigError(f"sweep {name!r} already exists at {exp_uri}; pass --resume to continue it "
+        raise ConfigError(f"sweep {name!r} already exists at {exp.uri}; pass --resume to continue it "
                           f"or choose another --name")
     if restoring:
-        base = read_base(f"{exp_uri}/{BASE_CONFIG_FILE}")
+        base, plan = read_base(f"{exp.uri}/{BASE_CONFIG_FILE}"), None
     else:
-        base = _absolute(check_metric(resolve_runtime(base), metric))
-        preflight(base)  # tracking, storage, dataset: before any trial starts (PermanentError)
-        base = override(base, {"train.storage_path": root, "train.run_name": ""})
-        space = space if space is not None else default_space(base)
-        domains = param_space(space, search)  # checked before anything is created: bad input fails here
-        concurrent = max_concurrent or max_concurrent_trials(
-            ray.cluster_resources(), base.train, data_cpus, _driver_resources().get("CPU", 0.0))
-        tune_config = _tune_config(scheduler, search, metric, mode, num_samples, concurrent, base)
+        plan = _plan(base, root, space, {"scheduler": scheduler, "search": search, "num_samples": num_samples,
+                                         "metric": metric, "mode": mode, "max_concurrent": max_concurrent,
+                                         "data_cpus": data_cpus})
+        base = plan.base
     tracking = {"tracking_uri": base.tracking.tracking_uri, "experiment": base.tracking.experiment}
     tracker = MlflowTracker(**tracking) if base.tracking.enabled else None
-    old = _runs(tracker, f"tags.sweep = '{name}' and tags.`sweep.role` = 'parent'") if tracker and restoring else []
-    tags = {"sweep": name, "sweep.role": "parent", "sweep.path": exp_uri, "sweep.metric": metric, "sweep.mode": mode}
+    old = runs(tracker, f"tags.sweep = '{name}' and tags.`sweep.role` = 'parent'") if tracker and restoring else []
+    tags = {"sweep": name, "sweep.role": "parent", "sweep.path": exp.uri, "sweep.metric": metric, "sweep.mode": mode}
     parent_id = tracker.start(name, tags, old[0].info.run_id if old else None) if tracker else None
     if old:
         tracker.set_tags({"sweep.interrupted": "false", "sweep.resumed": "true"})
     trainable = tune.with_resources(shortcut_trial, _driver_resources())
     if restoring:
-        log(f"[shortcut-ray] sweep {name}: resuming {exp_uri} with its stored config, space, scheduler and metric")
-        tuner = tune.Tuner.restore(exp_uri if fs is None else exp_path, trainable=trainable,
+        log(f"[shortcut-ray] sweep {name}: resuming {exp.uri} with its stored config, space, scheduler and metric")
+        tuner = tune.Tuner.restore(exp.uri if fs is None else exp.path, trainable=trainable,
                                    resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
-        for d in space.values():
-            for v, why in d.dropped:
-                log(f"[shortcut-ray] sweep: dropped {d.key}={fmt_value(v)}: {why}")
-        if tracker:
-            tracker.log_params({**base.flat(), **{f"space.{k}": d.spec() for k, d in space.items()},
-                                "sweep.scheduler": scheduler, "sweep.search": search, "sweep.num_samples": num_samples})
-            tracker.log_dict({k: {"spec": d.spec(), "dropped": [[fmt_value(v), w] for v, w in d.dropped]}
-                              for k, d in space.items()}, "space.json")
-        data.resolve_dataset(base.data)  # write a built-in dataset once, not in every trial at the same time
-        write_base(base, f"{exp_uri}/{BASE_CONFIG_FILE}")
-        log(f"[shortcut-ray] sweep {name}: {exp_uri}, {concurrent} trial(s) at a time, {scheduler}/{search} on "
-            f"{metric} ({mode}); space " + ", ".join(f"{k}={d.spec()}" for k, d in space.items()))
-        sweep = {"name": name, "parent_run_id": parent_id or "", "train_storage": f"{exp_uri}/train",
-                 "base_config": f"{exp_uri}/{BASE_CONFIG_FILE}", "metric": metric, "mode": mode,
-                 "num_trials": expected_trials(space, search, num_samples)}
-        tuner = tune.Tuner(
-            trainable, param_space={**domains, "sweep": sweep}, tune_config=tune_config,
-            run_config=tune.RunConfig(name=name, storage_path=root_path, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=max_trial_failures),
-                                      callbacks=[_closer_callback(tracking, parent_id, name, base.train.max_steps)]
-                                      if tracker else []))
+        tuner = _new_tuner(trainable, exp, plan, tracker, parent_id, tracking, max_trial_failures, log)
     grid = tuner.fit()
-    saved = tune.ExperimentAnalysis(exp_uri if fs is None else exp_path, storage_filesystem=fs).trials
-    out = _summarise(grid, saved, base, name, exp_uri, metric, mode, parent_id)
+    saved = tune.ExperimentAnalysis(exp.uri if fs is None else exp.path, storage_filesystem=fs).trials
+    out = _summarise(grid, saved, base, name, exp.uri, metric, mode, parent_id)
     if tracker:
         if not out.finished:  # Tune caught Ctrl-C and saved its state; the resume finishes the trial runs
             tracker.set_tags({"sweep.interrupted": "true"})
             tracker.end("KILLED")
             return out
-        _finish_parent(tracker, out, base.train.max_steps)
-        _register_best(tracker, out, base)
+        finish_parent(tracker, out, base.train.max_steps)
+        register_best(tracker, out, base)
         tracker.end("FINISHED" if out.best_trial_id else "FAILED")
     return out
 
 
-def _register_best(tracker, out: SweepResult, base: Config) -> None:
-    """The best trial's logged generator (its run's tag model_uri) into the Model Registry (issue 14)."""
-    name = base.tracking.register_model
-    name = f"shortcut-ray-{base.preset}" if name == "auto" else name
-    if not (name and out.best_run_id and base.tracking.log_model):
-        return
-    uri = tracker.client.get_run(out.best_run_id).data.tags.get("model_uri")
-    if uri:
-        out.best_model_uri = tracker.register_model(uri, name)
-        tracker.set_tags({"best.model_uri": out.best_model_uri})
+@dataclasses.dataclass(frozen=True)
+class _Experiment:
+    """Where a sweep lives: its name, the storage root (URI), and the pyarrow filesystem and path for it."""
+    name: str
+    root: str
+    fs: object
+    root_path: str
+
+    @property
+    def uri(self) -> str:
+        return f"{self.root}/{self.name}"
+
+    @property
+    def path(self) -> str:
+        return f"{self.root_path}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A new sweep, checked before anything is created: its base config, space, Tune domains and settings."""
+    base: Config
+    space: dict
+    domains: dict
+    tune_config: object
+    concurrent: int
+    args: dict
+
+
+def _plan(base: Config, root: str, space: dict[str, Dim] | None, args: dict) -> _Plan:
+    """Check a new sweep before any run or file exists: tracking, storage, dataset and metric (preflight),
+    the space (default: `default_space`) and its search, and how many trials run at a time."""
+    import ray
+
+    from .launch import preflight, resolve_runtime
+
+    base = _absolute(check_metric(resolve_runtime(base), args["metric"]))
+    preflight(base)  # PermanentError before anything is created
+    base = override(base, {"train.storage_path": root, "train.run_name": ""})
+    space = space if space is not None else default_space(base)
+    domains = param_space(space, args["search"])
+    concurrent = args["max_concurrent"] or max_concurrent_trials(
+        ray.cluster_resources(), base.train, args["data_cpus"], _driver_resources().get("CPU", 0.0))
+    tune_config = _tune_config(args["scheduler"], args["search"], args["metric"], args["mode"],
+                               args["num_samples"], concurrent, base)
+    return _Plan(base, space, domains, tune_config, concurrent, args)
+
+
+def _new_tuner(trainable, exp: _Experiment, plan: _Plan, tracker, parent_id, tracking: dict,
+               max_trial_failures: int, log):
+    """A new sweep's Tuner: its space logged (console and MLflow parent), the base config and the built-in
+    dataset written once, the trials' shared `sweep` entry."""
+    from ray import tune
+
+    from . import data
+
+    base, space, args = plan.base, plan.space, plan.args
+    for d in space.values():
+        for v, why in d.dropped:
+            log(f"[shortcut-ray] sweep: dropped {d.key}={fmt_value(v)}: {why}")
+    if tracker:
+        tracker.log_params({**base.flat(), **{f"space.{k}": d.spec() for k, d in space.items()},
+                            **{f"sweep.{k}": args[k] for k in ("scheduler", "search", "num_samples")}})
+        tracker.log_dict({k: {"spec": d.spec(), "dropped": [[fmt_value(v), w] for v, w in d.dropped]}
+                          for k, d in space.items()}, "space.json")
+    data.resolve_dataset(base.data)  # write a built-in dataset once, not in every trial at the same time
+    write_base(base, f"{exp.uri}/{BASE_CONFIG_FILE}")
+    log(f"[shortcut-ray] sweep {exp.name}: {exp.uri}, {plan.concurrent} trial(s) at a time, {args['scheduler']}/"
+        f"{args['search']} on {args['metric']} ({args['mode']}); space "
+        + ", ".join(f"{k}={d.spec()}" for k, d in space.items()))
+    sweep = {"name": exp.name, "parent_run_id": parent_id or "", "train_storage": f"{exp.uri}/train",
+             "base_config": f"{exp.uri}/{BASE_CONFIG_FILE}", "metric": args["metric"], "mode": args["mode"],
+             "num_trials": expected_trials(space, args["search"], args["num_samples"])}
+    return tune.Tuner(
+        trainable, param_space={**plan.domains, "sweep": sweep}, tune_config=plan.tune_config,
+        run_config=tune.RunConfig(name=exp.name, storage_path=exp.root_path, storage_filesystem=exp.fs,
+                                  failure_config=tune.FailureConfig(max_failures=max_trial_failures),
+                                  callbacks=[closer_callback(tracking, parent_id, exp.name, base.train.max_steps)]
+                                  if tracker else []))
 
 
 def _driver_resources() -> dict:
@@ -357,29 +354,3 @@ def _summarise(grid, saved, base: Config, name, exp_uri, metric, mode, parent_id
         out.best_trial_id, out.best_value, out.best_checkpoint = best["trial_id"], best[metric], best["checkpoint"]
         out.best_config = trial_config(best_config, best["trial_id"], base)
     return out
-
-
-def _finish_parent(tracker, out: SweepResult, max_steps: int) -> None:
-    """Close leftover child runs, tag the ones ASHA cut short, and record on the parent trials.json and
-    the best trial's params (best.*), metric (best/<metric>), config (best_config.json) and checkpoint."""
-    trials = {t["run_name"]: t for t in out.trials}
-    close_trial_runs(tracker, tracker.run_id,
-                     {n: _final_status(t["status"] == "ERROR", t["step"], max_steps) for n, t in trials.items()})
-    children = {r.data.tags.get("ray_run_name"): r
-                for r in _runs(tracker, f"tags.`mlflow.parentRunId` = '{tracker.run_id}'")}
-    for n, r in children.items():  # set on all: a resumed trial's run may have been closed on Ctrl-C
-        t = trials.get(n, {})
-        stopped = t.get("status") == "TERMINATED" and (t.get("step") or 0) < max_steps
-        tracker.client.set_tag(r.info.run_id, "sweep.stopped_early", str(stopped).lower())
-    tracker.log_dict({"metric": out.metric, "mode": out.mode, "trials": out.trials}, "trials.json")
-    if out.best_trial_id is None:
-        return
-    cfg = out.best_config
-    tracker.log_params({**{f"best.{k}": v for k, v in trials[cfg.train.run_name]["params"].items()},
-                        "best.trial_id": out.best_trial_id})
-    tracker.log_metrics({f"best/{out.metric}": out.best_value}, max_steps)
-    tracker.log_dict(cfg.to_dict(), "best_config.json")
-    out.best_run_id = children[cfg.train.run_name].info.run_id if cfg.train.run_name in children else None
-    tracker.set_tags({"best.trial_id": out.best_trial_id, "best.run_name": cfg.train.run_name,
-                      "best.checkpoint": out.best_checkpoint or "", "best.run_id": out.best_run_id or "",
-                      "best.value": f"{out.best_value:.6g}"})

@@ -1,6 +1,6 @@
 """The three layers of DESIGN §1, imports pointing one way: maths <- engine <- Ray glue.
 
-maths  (model, objective(s), sampler, ema, optim; config, overrides, presets): neither ray nor mlflow, nor the engine
+maths  (model, objective(s), sampler, ema, optim; config, batch_layout, overrides, presets): neither ray nor mlflow, nor the engine
 engine (train_step, checkpoint, distributed, fid, evaluation, storage, shards, teacher, official): no ray, no
        mlflow
 glue   (everything else: data, worker, launch, tune, tracking, jobs, ...): only tracking.py imports mlflow
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MATHS = {"model", "objective", "objectives", "sampler", "ema", "optim", "config", "overrides", "presets"}
+MATHS = {"model", "objective", "objectives", "sampler", "ema", "optim", "config", "batch_layout", "overrides", "presets"}
 ENGINE = {"train_step", "checkpoint", "distributed", "fid", "evaluation", "storage", "shards", "teacher", "official"}
 
 

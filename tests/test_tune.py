@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from shortcut_ray import sweep_runs
 from shortcut_ray import tune as st
 from shortcut_ray import tune_space as ts
 from shortcut_ray.config import Config, ConfigError, apply_overrides
@@ -244,6 +245,6 @@ def test_asha_sweep_nested_mlflow_runs_and_best_config(tmp_path, ray_session):
         tracker = MlflowTracker(uri, "test-sweep")
         ids = {n: client.create_run(exp.experiment_id, tags={"mlflow.parentRunId": "p0", "ray_run_name": n}).info.run_id
                for n in ("a", "b", "c")}
-        assert sorted(st.close_trial_runs(tracker, "p0", {"b": "FAILED", "c": "FINISHED"})) == sorted(ids.values())
+        assert sorted(sweep_runs.close_trial_runs(tracker, "p0", {"b": "FAILED", "c": "FINISHED"})) == sorted(ids.values())
         statuses = {n: client.get_run(i).info.status for n, i in ids.items()}
         assert statuses == {"a": "KILLED", "b": "FAILED", "c": "FINISHED"}
