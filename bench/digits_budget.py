@@ -13,7 +13,8 @@ from shortcut_ray.sampler import sample, fixed_noise
 from shortcut_ray.shards import fit_square
 from shortcut_ray.evaluation import pooled
 from shortcut_ray.fid import FeatureStats
-from shortcut_ray.tracking import image_grid, png_bytes
+from shortcut_ray.figures import image_grid
+from shortcut_ray.shards import png_bytes
 torch.set_num_threads(1)
 tag, steps = sys.argv[1], int(sys.argv[2]); over = sys.argv[3:]
 cfg = apply_overrides(get_preset("digits"), ["train.num_workers=1", f"train.max_steps={steps}"] + over)

@@ -11,5 +11,5 @@ DEST="${OUT:-bench/results}"
 mkdir -p "$DEST"
 case " $* " in *" --dry-run "*) LOG="$DEST/gpu_suite_dryrun.log" ;; *) [ "${SHRINK:-0}" = 1 ] && LOG="$DEST/gpu_suite_dryrun.log" || LOG="$DEST/gpu_suite.log" ;; esac
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu --format=csv | tee "$LOG.nvsmi"
-"$PY" bench/gpu_suite.py --out "$DEST" "$@" 2>&1 | tee "$LOG"
+"$PY" -m bench.gpu_suite --out "$DEST" "$@" 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"

@@ -203,6 +203,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _rows_with_oom_retry(size: str, shape: str, args, device) -> list[dict]:
+    """One measured row; on CUDA OOM an error row and a retry at half the batch (unless --no-oom-retry)."""
+    rows, batch = [], args.batch
+    while True:
+        try:
+            return rows + [run_config(size, shape, batch, args, device)]
+        except torch.cuda.OutOfMemoryError as e:
+            gc.collect()
+            torch.cuda.empty_cache()
+            if args.no_oom_retry or batch // 2 < args.bootstrap_every:
+                return rows + [{"size": size, "shape": shape, "batch": batch, "error": f"CUDA OOM: {e}"[:300]}]
+            print(f"  OOM at batch {batch}; retrying with {batch // 2}", flush=True)
+            rows.append({"size": size, "shape": shape, "batch": batch, "error": "CUDA OOM (retried at half batch)"})
+            batch //= 2
+
+
+def _summary(ok: list[dict]) -> dict:
+    return {f"{r['size']} {r['shape']} B={r['batch']}": {
+        "ratio_shortcut_over_fm": round(r["ratio_shortcut_over_fm"], 4),
+        "ratio_theory_flops": round(r["ratio_theory_flops"], 4),
+        "fm_images_per_s": round(r["objectives"]["flow_matching"]["images_per_s"], 2),
+        "shortcut_images_per_s": round(r["objectives"]["shortcut"]["images_per_s"], 2),
+        "shortcut_mfu": r["objectives"]["shortcut"]["mfu"],
+        "shortcut_peak_step_gb": r["objectives"]["shortcut"]["peak_step_gb"]} for r in ok}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -223,34 +249,9 @@ def main(argv=None) -> int:
           f"batch {args.batch}, steps {args.steps}, warmup {args.warmup}, precision {args.precision}, "
           f"compile {args.compile}", flush=True)
 
-    rows = []
     t0 = time.perf_counter()
-    for size in sizes:
-        for shape in shapes:
-            batch = args.batch
-            while True:
-                try:
-                    rows.append(run_config(size, shape, batch, args, device))
-                    break
-                except torch.cuda.OutOfMemoryError as e:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    if args.no_oom_retry or batch // 2 < args.bootstrap_every:
-                        rows.append({"size": size, "shape": shape, "batch": batch, "error": f"CUDA OOM: {e}"[:300]})
-                        break
-                    print(f"  OOM at batch {batch}; retrying with {batch // 2}", flush=True)
-                    rows.append({"size": size, "shape": shape, "batch": batch,
-                                 "error": "CUDA OOM (retried at half batch)"})
-                    batch //= 2
-
-    ok = [r for r in rows if "error" not in r]
-    summary = {f"{r['size']} {r['shape']} B={r['batch']}": {
-        "ratio_shortcut_over_fm": round(r["ratio_shortcut_over_fm"], 4),
-        "ratio_theory_flops": round(r["ratio_theory_flops"], 4),
-        "fm_images_per_s": round(r["objectives"]["flow_matching"]["images_per_s"], 2),
-        "shortcut_images_per_s": round(r["objectives"]["shortcut"]["images_per_s"], 2),
-        "shortcut_mfu": r["objectives"]["shortcut"]["mfu"],
-        "shortcut_peak_step_gb": r["objectives"]["shortcut"]["peak_step_gb"]} for r in ok}
+    rows = [row for size in sizes for shape in shapes for row in _rows_with_oom_retry(size, shape, args, device)]
+    summary = _summary([r for r in rows if "error" not in r])
     payload = {
         "what": "median step time of TrainState.step_on (objective + backward + AdamW + EMA), shortcut vs flow "
                 "matching on the same model, batch and synthetic data, alternated step by step (ABBA)",
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
                      "bootstrap_every": args.bootstrap_every, "torch_threads": threads},
         "definitions": {
             "flops_per_image": "worker.Runner._flops_per_image: flops_per_forward * (3 + 2 * (n_boot + n_cfg) / B)",
-            "mfu": "images/s * flops_per_image / dense bf16 peak of the GPU (worker._peak_flops); null on CPU",
+            "mfu": "images/s * flops_per_image / dense bf16 peak of the GPU (periodic.peak_flops); null on CPU",
             "peak_step_gb": "resident state of this objective's TrainState (params + EMA + AdamW state) + the step's "
                             "transient peak (max_memory_allocated - memory_allocated before the step); GPU only",
             "ratio_shortcut_over_fm": "median shortcut step time / median flow-matching step time"},

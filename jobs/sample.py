@@ -23,7 +23,8 @@ from shortcut_ray.checkpoint import load_for_inference, local_copy  # PermanentE
 from shortcut_ray.faults import PermanentError
 from shortcut_ray.objectives import for_sampling
 from shortcut_ray.sampler import fixed_noise, sample
-from shortcut_ray.tracking import image_grid, png_bytes
+from shortcut_ray.figures import image_grid
+from shortcut_ray.shards import png_bytes
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return x[:, :3].transpose(0, 2, 3, 1)
 
 
+def image_grid(images: np.ndarray, ncol: int) -> np.ndarray:
+    """(B, C, H, W) float in [-1, 1] -> (rows*H, ncol*W, 3) uint8, white 1-px gutters (unlabelled, unscaled)."""
+    x = to_uint8(images)
+    b, h, w, _ = x.shape
+    nrow = -(-b // ncol)
+    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, 3), 255, dtype=np.uint8)
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[i]
+    return grid
+
+
 def upscale(images: np.ndarray, min_px: int) -> np.ndarray:
     """(B, H, W, 3) uint8, nearest-neighbour, by the smallest integer factor giving >= min_px wide."""
     factor = max(1, -(-min_px // images.shape[2]))

@@ -17,7 +17,7 @@ def runs(tracker, filt: str):
     return tracker.client.search_runs([tracker.experiment_id], filter_string=filt, max_results=5000)
 
 
-def close_trialruns(tracker, parent_id: str, statuses: dict[str, str], run_name: str = "") -> list[str]:
+def close_trial_runs(tracker, parent_id: str, statuses: dict[str, str], run_name: str = "") -> list[str]:
     """Close child runs still RUNNING after their trial ended (all, or the one of `run_name`) with
     statuses[ray_run_name] (default KILLED). An ASHA stop kills the trial actor, so the worker never
     ends its run (RAY_NOTES §3); a resumed trial's worker reopens it. Returns the closed run ids."""
@@ -75,7 +75,7 @@ def finish_parent(tracker, out: SweepResult, max_steps: int) -> None:
     """Close leftover child runs, tag the ones ASHA cut short, and record on the parent trials.json and
     the best trial's params (best.*), metric (best/<metric>), config (best_config.json) and checkpoint."""
     trials = {t["run_name"]: t for t in out.trials}
-    close_trialruns(tracker, tracker.run_id,
+    close_trial_runs(tracker, tracker.run_id,
                      {n: final_status(t["status"] == "ERROR", t["step"], max_steps) for n, t in trials.items()})
     children = {r.data.tags.get("ray_run_name"): r
                 for r in runs(tracker, f"tags.`mlflow.parentRunId` = '{tracker.run_id}'")}

@@ -404,25 +404,3 @@ def create_tracker(cfg: TrackingConfig, rank: int) -> Tracker:
     if rank != 0 or not cfg.enabled:
         return NullTracker()
     return MlflowTracker(resolve_tracking_uri(cfg), cfg.experiment)
-
-
-def image_grid(images: np.ndarray, ncol: int) -> np.ndarray:
-    """(B, C, H, W) float in [-1, 1] -> (rows*H, ncol*W, 3) uint8 with 1-px gutters."""
-    x = ((np.clip(images, -1, 1) + 1) * 127.5).round().astype(np.uint8)
-    if x.shape[1] == 1:
-        x = np.repeat(x, 3, axis=1)
-    b, c, h, w = x.shape
-    nrow = -(-b // ncol)
-    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, 3), 255, dtype=np.uint8)
-    for i in range(b):
-        r, col = divmod(i, ncol)
-        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[i].transpose(1, 2, 0)
-    return grid
-
-
-def png_bytes(grid: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    return buf.getvalue()

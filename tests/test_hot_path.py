@@ -534,7 +534,7 @@ def test_engine_imports_without_ray_or_mlflow():
 
     code = ("import sys\nfor n in ('ray', 'mlflow'): sys.modules[n] = None\n"
             "import shortcut_ray.train_step, shortcut_ray.sampler, shortcut_ray.worker, shortcut_ray.checkpoint\n"
-            "sys.path.insert(0, 'bench'); import gpu_suite\nprint('ok')")
+            "import bench.gpu_suite, bench.gpu_stages\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
@@ -545,7 +545,7 @@ def test_gpu_suite_dry_run_env_stage(tmp_path):
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "bench/gpu_suite.py", "--dry-run", "--stages", "env", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--dry-run", "--stages", "env", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "gpu_suite_dryrun.json").read_text())
