@@ -68,7 +68,7 @@ def timed(fn, device, repeats: int) -> list[float]:
 
 
 def peak_flops(device) -> float | None:
-    from shortcut_ray.worker import peak_flops_for
+    from shortcut_ray.periodic import peak_flops_for
 
     return peak_flops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 

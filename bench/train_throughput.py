@@ -89,7 +89,7 @@ def flops_per_image(st: TrainState) -> float:
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    from shortcut_ray.worker import _peak_flops
+    from shortcut_ray.periodic import peak_flops as _peak_flops
 
     return _peak_flops(device)
 

@@ -220,7 +220,7 @@ def _tuned(base: Config, out: str, state: dict, protocol: Protocol, log) -> None
         cfg, sets, metric = tune_base(base, out, state, protocol)
         space = parse_space(protocol.tune_space, cfg) if protocol.tune_space else default_space(cfg)
         name = f"{state['name']}-tune"
-        log(f"[compare] tuning shortcut: grid " + ", ".join(f"{k}={d.spec()}" for k, d in space.items())
+        log("[compare] tuning shortcut: grid " + ", ".join(f"{k}={d.spec()}" for k, d in space.items())
             + f" on {metric}, {cfg.train.max_steps} steps per trial")
         res = run_sweep(cfg, name=name, space=space, num_samples=1, scheduler="fifo", search="grid",
                         metric=metric, resume=True, log=log)

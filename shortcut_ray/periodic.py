@@ -248,29 +248,28 @@ class EvalAction:
 
 class Checkpointer:
     """Every train.checkpoint_every steps: this rank's DCP shards to a staging folder, handed to Ray Train by
-    `report(metrics, directory, name)` (a barrier: every rank calls it), then the latest checkpoint as
-    MLflow tags and the run's checkpoint list as checkpoints.json."""
+    `report(metrics, directory, name)` (a barrier: every rank calls it), then the latest checkpoint as MLflow
+    tags. The history is Ray's (train.num_to_keep); this keeps only the latest URI, for the divergence message."""
 
-    def __init__(self, cfg: Config, state: TrainState, rank: int, tracker, root: str, checkpoints: list[str],
+    def __init__(self, cfg: Config, state: TrainState, rank: int, tracker, root: str, latest: str | None,
                  report: Callable[[dict, str, str], None]):
         self.cfg, self.state, self.rank, self.tracker, self.root = cfg, state, rank, tracker, root
-        self.checkpoints = checkpoints  # URIs, the last 50: stored in state.json, named when training diverges
+        self.latest = latest  # this run's last committed checkpoint (also in its own state.json)
         self.report = report
 
     def save(self, step: int, metrics: dict, report: dict, extra: dict) -> None:
         name = checkpoint.dir_name(step)
         uri = f"{self.root.rstrip('/')}/{name}" if self.root else name
-        self.checkpoints = (self.checkpoints + [uri])[-50:]
         tmp = checkpoint.staging_dir()
         try:
             checkpoint.save(tmp, self.state.model, self.state.ema, self.state.optimizer, step, self.cfg,
-                            extra={**extra, "checkpoints": self.checkpoints}, rank=self.rank,
+                            extra={**extra, "checkpoint_uri": uri}, rank=self.rank,
                             modules=self.state.checkpoint_modules())
             self.report({**report, "loss": float(metrics["loss"])}, tmp, name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self.latest = uri
         self.tracker.set_tags({"checkpoint.latest": uri, "checkpoint.step": str(step)})
-        self.tracker.log_dict({"checkpoints": self.checkpoints}, "checkpoints.json")
 
 
 def publish_model(cfg: Config, state: TrainState, rank: int, tracker) -> dict:

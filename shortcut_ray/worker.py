@@ -22,9 +22,7 @@ from .config import Config
 from .faults import PermanentError
 from .guard import FiniteGuard
 from .model import flops_per_forward
-from .periodic import (PEAK_BF16_DENSE, Checkpointer, EvalAction, GridSampler, MetricsLogger,  # noqa: F401
-                       grid_layout, peak_flops_for, publish_model, score)
-from .periodic import peak_flops as _peak_flops  # noqa: F401 - bench/train_throughput.py
+from .periodic import Checkpointer, EvalAction, GridSampler, MetricsLogger, publish_model, score
 from .periodic import say as _say
 from .teacher import attach as attach_teacher
 from .tracking import NullTracker, create_tracker
@@ -67,16 +65,11 @@ class Runner:
         meta = self._restore(loop_config.get("resume_from", ""))
         self._start_tracking_or_explain(meta.get("mlflow_run_id"))
         self.checkpointer = Checkpointer(self.cfg, self.state, self.rank, self.tracker,
-                                         loop_config.get("checkpoint_root", ""), list(meta.get("checkpoints", [])),
+                                         loop_config.get("checkpoint_root", ""), _resumed_uri(meta),
                                          report=_report_checkpoint)
         self.guard = FiniteGuard(self.device)
         self.evaluation = EvalAction(self.cfg, self.state, self.rank, self.world, self.tracker)
         self.grids = GridSampler(self.cfg, self.state, self.rank, self.world, self.tracker)
-
-    @property
-    def checkpoints(self) -> list[str]:
-        """URIs of this run's checkpoints (the last 50), kept in state.json and named in the divergence message."""
-        return self.checkpointer.checkpoints
 
     # -- restore -----------------------------------------------------------------------------------
     def _restore(self, resume_from: str) -> dict:
@@ -100,6 +93,7 @@ class Runner:
             _warn_uncommitted(self.state.step)
         if ray.train.get_checkpoint() is None:  # a warm start begins a new MLflow run
             meta.pop("mlflow_run_id", None)
+            meta.pop("checkpoint_uri", None)
             meta.pop("checkpoints", None)
         return meta
 
@@ -227,7 +221,7 @@ class Runner:
             self.guard.check(step, self.state.model if ckpt_due else None, self._divergence_message)
 
     def _divergence_message(self, first_bad: int, step: int) -> str:
-        good = self.checkpoints[-1] if self.checkpoints else None
+        good = self.checkpointer.latest
         where = (f"The last good checkpoint is {good} (nothing after it was saved, so Ray's rotation kept it)."
                  if good else "No checkpoint of this run was saved before it.")
         again = (f"resume from it with `python -m jobs.train --resume {self.run_name} --set optim.lr=...`"
@@ -252,6 +246,11 @@ class Runner:
         cfg = self.cfg
         fwd = flops_per_forward(cfg.model, cfg.data.image_size, cfg.data.channels)
         return fwd * (3 + self.state.objective.extra_forwards_per_row)
+
+
+def _resumed_uri(meta: dict) -> str | None:
+    """The URI of the checkpoint this run resumed from (checkpoints before 2026-12 kept a list of 50)."""
+    return meta.get("checkpoint_uri") or (meta.get("checkpoints") or [None])[-1]
 
 
 def _warn_uncommitted(step: int) -> None:

@@ -451,7 +451,7 @@ def test_cuda_step_has_no_sync():
     ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", None),
     ("Tesla T4", None)])
 def test_peak_flops_by_gpu_name(name, peak):
-    from shortcut_ray.worker import peak_flops_for
+    from shortcut_ray.periodic import peak_flops_for
 
     assert peak_flops_for(name) == peak
 
