@@ -169,22 +169,51 @@ def parse_args(argv=None):
     return args
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process on the machine: pid -> (group, user + system CPU seconds so far). Groups: this process
+    (the plain loop runs here), the Ray Train worker(s), Ray's other processes (GCS, raylet, dashboard,
+    the Train controller and Data actors, idle workers), everything else."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        info, times = p.info, p.info.get("cpu_times")
+        if times is None:
+            continue
+        title = " ".join(info.get("cmdline") or []) or (info.get("name") or "")
+        group = ("this_process" if info["pid"] == os.getpid() else "ray_train_worker" if "RayTrainWorker" in title
+                 else "ray_other" if "ray" in title.lower() or info.get("name") in ("raylet", "gcs_server")
+                 else "other")
+        out[info["pid"]] = (group, times.user + times.system)
+    return out
+
+
+def cpu_use(before: dict, after: dict, wall_s: float) -> dict:
+    """Cores used per group over a run (CPU seconds / wall seconds); processes born during it count from 0."""
+    used: dict[str, float] = {}
+    for pid, (group, t) in after.items():
+        used[group] = used.get(group, 0.0) + max(0.0, t - (before.get(pid, (group, 0.0))[1]))
+    return {g: round(v / wall_s, 3) for g, v in sorted(used.items())}
+
+
 def run_sequence(args, cfg, x_all, y_all, device) -> list[dict]:
     """The runs of --sequence in order, each with its per-interval summary."""
     tmp = tempfile.mkdtemp(prefix="bench-ray-overhead-")
     runs = []
     for i, what in enumerate(args.seq):
-        t = time.perf_counter()
+        t, cpu0 = time.perf_counter(), cpu_seconds()
         res = plain_loop(cfg, x_all, y_all, device, os.path.join(tmp, f"plain-{i}")) if what == "a" else \
             ray_run(cfg, int(what[1:]), tmp, f"overhead-{i}-{what}")
+        seconds = time.perf_counter() - t
         res = {"run": what, "index": i, **res, "summary": summarise(res, args.skip_intervals),
-               "seconds": time.perf_counter() - t}
+               "seconds": seconds, "cores_used": cpu_use(cpu0, cpu_seconds(), seconds)}
         runs.append(res)
         s = res["summary"]
         print(f"  [{i}] {what}: median step {s['step_time_median_s']:.4f}s (mean {s['step_time_mean_s']:.4f}s)"
               + (f", wall median {s.get('wall_step_time_median_s', float('nan')):.4f}s, data wait "
                  f"{s['data_wait_frac_median']:.1%} median / {s['data_wait_frac_mean']:.1%} mean"
-                 if "data_wait_frac_median" in s else "") + f"  ({res['seconds']:.0f}s)", flush=True)
+                 if "data_wait_frac_median" in s else "") + f"  ({res['seconds']:.0f}s); cores used "
+              + ", ".join(f"{g} {c:.2f}" for g, c in res["cores_used"].items()), flush=True)
     return runs
 
 
@@ -226,6 +255,10 @@ def ratios_of(runs: list[dict], skip: int) -> dict:
 
 
 DEFINITIONS = {
+    "cores_used": "per run: CPU seconds (user + system, psutil) of each process group during the run / its wall "
+                  "seconds; this_process runs the plain loop, ray_train_worker the Ray path's training, ray_other "
+                  "is every other Ray process (GCS, raylet, dashboard, Train controller, Data actors); on a "
+                  "2-core machine what ray_other uses is taken from the training threads",
     "step_time_s": "per log interval: elapsed / steps (a: with the loss host sync inside the interval; "
                    "b: the worker's perf/step_time_s, whose interval stops before its _log)",
     "wall_step_time_s": "b only: difference of consecutive MLflow timestamps of train/loss / steps, i.e. "

@@ -8,7 +8,8 @@ r"""The paper's comparison (ALGORITHM §6.7, §7.2) in one command: every method
 
 Trains flow matching (also the teacher), then shortcut, consistency training, live reflow and diffusion
 from scratch, progressive and consistency distillation from the flow-matching checkpoint, generates
-(noise, sample) pairs and trains two-stage reflow on them, one Ray Train run after another, each a child
+(noise, sample) pairs and trains two-stage reflow on them, one Ray Train run after another (--parallel: as
+many at a time as the cluster fits), each a child
 MLflow run of one parent run. Every method is evaluated the same way on this process (same samples,
 same noise, N = eval.fid_steps) with the real-vs-real floor at that sample count. Writes into --output
 (and as artifacts of the parent run): results.md (the table), results.json (every number, the sampler of
@@ -37,11 +38,15 @@ def main(argv=None) -> int:
                    help="add a tuned shortcut row: a Tune grid over objective.bootstrap_every and ema.decay at the "
                         "same budget, the best trial evaluated like every method (with --resume: added to a "
                         "finished comparison)")
+    p.add_argument("--parallel", action="store_true",
+                   help="train independent methods at once, as many as the Ray cluster fits (the five from scratch, "
+                        "then the three that need the flow-matching teacher); the table is the same")
     args = p.parse_args(argv)
     from shortcut_ray.compare import run_compare
 
     try:
-        results = run_compare(args.preset, args.set, args.output, resume=args.resume, argv=argv, tune=args.tune)
+        results = run_compare(args.preset, args.set, args.output, resume=args.resume, argv=argv, tune=args.tune,
+                              parallel=args.parallel)
     except (ConfigError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
     from shortcut_ray.compare_report import table

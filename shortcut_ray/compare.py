@@ -4,7 +4,9 @@ Order (an equal training budget per method: the base config's model, batch, step
 flow matching (also the teacher); shortcut, consistency training, live reflow and diffusion from
 scratch; progressive and consistency distillation from the flow-matching checkpoint; (noise, sample)
 pairs from the teacher (pairs.generate) and two-stage reflow on them. Each method trains through
-launch.fit (Ray Train) as a child MLflow run of one parent run; the runs go one after another.
+launch.fit (Ray Train) as a child MLflow run of one parent run; the runs go one after another, or with
+parallel=True as many at a time as the cluster fits: the five from scratch at once, then the three that
+need the teacher (or its pairs) at once.
 
 Evaluation is identical for every method and runs here on the driver from each final checkpoint
 (compare_eval.py): the same samples, noise, N and reference, each method with its own sampler rule
@@ -149,6 +151,48 @@ def train_method(base: Config, method: Method, sets: list[str], out: str, log=pr
     return path
 
 
+def train_parallel(base: Config, methods: tuple[Method, ...], out: str, state: dict, protocol: Protocol,
+                   log=print) -> None:
+    """--parallel: train the methods not done yet at once, each `train_method` in a Ray task (as a Tune trial
+    driver runs: no CPU of its own), as many at a time as the cluster fits next to Ray Data
+    (tune_space.max_concurrent_trials). Each is marked done as it lands; a failure lets the others finish,
+    then raises (--resume continues the failed one from its latest checkpoint)."""
+    import ray
+
+    from .tune import driver_resources, ensure_ray
+    from .tune_space import max_concurrent_trials
+
+    todo = [m for m in methods if not is_done(state, f"train:{m.name}")]
+    if not todo:
+        return
+    ensure_ray()
+    res = driver_resources()
+    width = max_concurrent_trials(ray.cluster_resources(), base.train, 1.0, res.get("CPU", 0.0))
+    task = ray.remote(train_method).options(num_cpus=res.pop("CPU", 0.0), resources=res, max_retries=0)
+    teacher = state["done"].get("train:flow_matching", {}).get("checkpoint", "")
+    pairs = os.path.join(out, "pairs") if any(m.pairs for m in todo) else ""
+    log(f"[compare] training {', '.join(m.name for m in todo)}: {min(width, len(todo))} at a time")
+    running, errors = {}, []
+    while todo or running:
+        while todo and len(running) < width:
+            m = todo.pop(0)
+            sets = method_sets(m, out, state["name"], state.get("parent_run_id", ""), teacher, pairs)
+            running[task.remote(base, m, sets, out)] = (m, sets, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        m, sets, started = running.pop(ref)
+        try:
+            ckpt = ray.get(ref)
+        except Exception as e:  # the others go on; this one resumes with --resume
+            errors.append(f"{m.name}: {e}")
+            todo = []  # start nothing new after a failure
+            continue
+        mark_done(out, state, f"train:{m.name}", [ckpt], checkpoint=ckpt, started=started,
+                  command=train_command(state["preset"], state["sets"], sets))
+        log(f"[compare] {m.name} trained: {ckpt}")
+    if errors:
+        raise RuntimeError("training failed: " + "; ".join(errors) + "; rerun with --resume to continue")
+
+
 # -- the protocol -------------------------------------------------------------------------------------
 
 def _parent(base: Config, state: dict):
@@ -280,9 +324,10 @@ def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list
 
 
 def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = False, argv: list[str] = (),
-                log=print, tune: bool = False) -> dict:
+                log=print, tune: bool = False, parallel: bool = False) -> dict:
     """Run (or finish) the comparison in `out`; returns the results dict (also <out>/results.json).
-    tune: add the tuned shortcut row (a finished comparison resumed with tune=True gains it)."""
+    tune: add the tuned shortcut row (a finished comparison resumed with tune=True gains it).
+    parallel: train independent methods at once (`train_parallel`); the evaluation is the same."""
     from .compare_report import write_report
 
     out = os.path.abspath(out)
@@ -301,6 +346,11 @@ def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = Fals
     state["parent_run_id"] = parent_id
     write_state(out, state)
     try:
+        if parallel:  # from scratch at once; then what needs the teacher or its pairs, at once
+            train_parallel(base, tuple(m for m in METHODS if not (m.teacher or m.pairs)), out, state, protocol, log)
+            if any(m.pairs for m in METHODS):
+                _pairs(out, state, protocol, log)
+            train_parallel(base, tuple(m for m in METHODS if m.teacher or m.pairs), out, state, protocol, log)
         for method in METHODS:
             _method(base, method, out, state, protocol, log)
         if state.get("tune"):

@@ -187,6 +187,27 @@ def atomic_write(path_or_uri: str, data: bytes | str, fs=None) -> None:
 
 
 @contextlib.contextmanager
+def checkpoint_dir(ckpt):
+    """A local folder holding a Ray Train `Checkpoint` (duck-typed: .path, .filesystem, .to_directory): the
+    folder itself on a local filesystem, else a download private to this process, removed afterwards.
+
+    Not `Checkpoint.as_directory()`: its download is shared by the processes of a node, and a worker that
+    arrives after the first download finished takes the free lock and downloads again into the folder the
+    first is already reading, truncating DCP's .metadata under it (seen in CI: "EOFError: Ran out of input"
+    when two ranks resumed from gs://)."""
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        yield ckpt.path
+        return
+    tmp = tempfile.mkdtemp(prefix="shortcut-restore-")
+    try:
+        yield ckpt.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(final_dir: str):
     """Yield a temp directory beside `final_dir`; on success it replaces `final_dir` in one rename,
     on error it is removed. A reader never sees a half-written `final_dir`."""

@@ -213,7 +213,7 @@ def run_sweep(base: Config, name: str = "", space: dict[str, Dim] | None = None,
     parent_id = tracker.start(name, tags, old[0].info.run_id if old else None) if tracker else None
     if old:
         tracker.set_tags({"sweep.interrupted": "false", "sweep.resumed": "true"})
-    trainable = tune.with_resources(shortcut_trial, _driver_resources())
+    trainable = tune.with_resources(shortcut_trial, driver_resources())
     if restoring:
         log(f"[shortcut-ray] sweep {name}: resuming {exp.uri} with its stored config, space, scheduler and metric")
         tuner = tune.Tuner.restore(exp.uri if fs is None else exp.path, trainable=trainable,
@@ -275,7 +275,7 @@ def _plan(base: Config, root: str, space: dict[str, Dim] | None, args: dict) -> 
     space = space if space is not None else default_space(base)
     domains = param_space(space, args["search"])
     concurrent = args["max_concurrent"] or max_concurrent_trials(
-        ray.cluster_resources(), base.train, args["data_cpus"], _driver_resources().get("CPU", 0.0))
+        ray.cluster_resources(), base.train, args["data_cpus"], driver_resources().get("CPU", 0.0))
     tune_config = _tune_config(args["scheduler"], args["search"], args["metric"], args["mode"],
                                args["num_samples"], concurrent, base)
     return _Plan(base, space, domains, tune_config, concurrent, args)
@@ -314,7 +314,7 @@ def _new_tuner(trainable, exp: _Experiment, plan: _Plan, tracker, parent_id, tra
                                   if tracker else []))
 
 
-def _driver_resources() -> dict:
+def driver_resources() -> dict:
     """One train_driver slot where the cluster has them (0 CPU), else a hundredth of a CPU."""
     import ray
 

@@ -24,6 +24,7 @@ from .guard import FiniteGuard
 from .model import flops_per_forward
 from .periodic import Checkpointer, EvalAction, GridSampler, MetricsLogger, publish_model, score
 from .periodic import say as _say
+from .storage import checkpoint_dir
 from .teacher import attach as attach_teacher
 from .tracking import NullTracker, create_tracker
 from .train_step import TrainState
@@ -84,7 +85,7 @@ class Runner:
             ckpt = ray.train.Checkpoint(path, filesystem=fs)
         if ckpt is None:
             return {}
-        with ckpt.as_directory() as d:
+        with checkpoint_dir(ckpt) as d:  # every rank its own download (see storage.checkpoint_dir)
             meta = checkpoint.load(d, self.state.model, self.state.ema, self.state.optimizer,
                                    modules=self.state.checkpoint_modules())
         self.state.step, self.epoch = int(meta["step"]), int(meta.get("epoch", 0))
@@ -343,7 +344,7 @@ def _load_for_eval(uri: str, state: TrainState) -> dict:
     if uri.endswith(".safetensors"):  # the portable export: weights only
         return checkpoint.load_weights(checkpoint.local_copy(uri), state.model, state.ema)
     fs, path = pyarrow_filesystem(uri)
-    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+    with checkpoint_dir(ray.train.Checkpoint(path, filesystem=fs)) as d:
         return checkpoint.load(d, state.model, state.ema, state.optimizer)
 
 

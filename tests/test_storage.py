@@ -2,6 +2,7 @@
 
 import os
 import uuid
+from pathlib import Path
 
 import fsspec
 import pyarrow.fs as pafs
@@ -99,3 +100,29 @@ def test_one_cache_root_with_deprecated_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv(storage.ENV_CACHE, "memory://cache")  # remote root: local copies go to the default
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert storage.local_cache_dir("copies") == str(tmp_path / "home" / ".cache" / "shortcut_ray" / "copies")
+
+
+def test_checkpoint_dir_gives_every_reader_its_own_download(tmp_path):
+    """Ray's Checkpoint.as_directory() shares one download folder per node, and a reader that comes after the
+    first download finished downloads again into the folder the first is reading (two ranks resuming from
+    gs:// read a truncated DCP .metadata in CI). storage.checkpoint_dir: a private copy per reader, removed
+    afterwards; a local checkpoint is read in place."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from shortcut_ray.storage import checkpoint_dir
+
+    src = tmp_path / "checkpoint_0000010"
+    src.mkdir()
+    (src / ".metadata").write_bytes(b"x" * 1000)
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())  # not a LocalFileSystem
+    ckpt = Checkpoint("checkpoint_0000010", filesystem=remote)
+    with ckpt.as_directory() as shared_a, ckpt.as_directory() as shared_b:
+        assert shared_a == shared_b  # Ray's: the same folder for both readers (the second re-downloads into it)
+    with checkpoint_dir(ckpt) as a, checkpoint_dir(ckpt) as b:
+        assert a != b and str(src) not in (a, b)
+        assert (Path(a) / ".metadata").read_bytes() == (Path(b) / ".metadata").read_bytes() == b"x" * 1000
+    assert not Path(a).exists() and not Path(b).exists()
+    with checkpoint_dir(Checkpoint(str(src))) as local:
+        assert local == str(src)
+    assert src.exists()
