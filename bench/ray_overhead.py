@@ -188,12 +188,31 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-def cpu_use(before: dict, after: dict, wall_s: float) -> dict:
-    """Cores used per group over a run (CPU seconds / wall seconds); processes born during it count from 0."""
-    used: dict[str, float] = {}
-    for pid, (group, t) in after.items():
-        used[group] = used.get(group, 0.0) + max(0.0, t - (before.get(pid, (group, 0.0))[1]))
-    return {g: round(v / wall_s, 3) for g, v in sorted(used.items())}
+class CpuUse:
+    """Cores used per process group over a run (CPU seconds / wall seconds), sampled every `every` s in a
+    thread: the Ray Train worker exits before fit() returns, so a before/after pair would miss it. A process
+    born during the run counts from 0; one seen last at its final sample loses at most `every` s of CPU."""
+
+    def __init__(self, every: float = 1.0):
+        import threading
+
+        self.every, self.first, self.last = every, cpu_seconds(), {}
+        self.t0, self.stop = time.perf_counter(), threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(self.every):
+            self.last.update(cpu_seconds())
+
+    def result(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        self.last.update(cpu_seconds())
+        wall, used = time.perf_counter() - self.t0, {}
+        for pid, (group, t) in self.last.items():
+            used[group] = used.get(group, 0.0) + max(0.0, t - self.first.get(pid, (group, 0.0))[1])
+        return {g: round(v / wall, 3) for g, v in sorted(used.items())}
 
 
 def run_sequence(args, cfg, x_all, y_all, device) -> list[dict]:
@@ -201,12 +220,12 @@ def run_sequence(args, cfg, x_all, y_all, device) -> list[dict]:
     tmp = tempfile.mkdtemp(prefix="bench-ray-overhead-")
     runs = []
     for i, what in enumerate(args.seq):
-        t, cpu0 = time.perf_counter(), cpu_seconds()
+        t, cpu = time.perf_counter(), CpuUse()
         res = plain_loop(cfg, x_all, y_all, device, os.path.join(tmp, f"plain-{i}")) if what == "a" else \
             ray_run(cfg, int(what[1:]), tmp, f"overhead-{i}-{what}")
         seconds = time.perf_counter() - t
         res = {"run": what, "index": i, **res, "summary": summarise(res, args.skip_intervals),
-               "seconds": seconds, "cores_used": cpu_use(cpu0, cpu_seconds(), seconds)}
+               "seconds": seconds, "cores_used": cpu.result()}
         runs.append(res)
         s = res["summary"]
         print(f"  [{i}] {what}: median step {s['step_time_median_s']:.4f}s (mean {s['step_time_mean_s']:.4f}s)"

@@ -30,3 +30,26 @@ class Recorder:
 @pytest.fixture
 def recorder():
     return Recorder
+
+
+@pytest.fixture(scope="session")
+def tiny_comparison(tmp_path_factory):
+    """`jobs.compare --preset compare_digits_tiny --tune --parallel`, run once per session on its own local
+    Ray (shut down afterwards): test_compare checks the protocol's outputs, test_methods samples every
+    method's final checkpoint through the jobs. Half a CPU per worker: two runs at a time on 2 CPUs."""
+    import ray
+
+    from jobs.compare import main
+
+    root = tmp_path_factory.mktemp("compare")
+    out = root / "cmp"
+    argv = ["--preset", "compare_digits_tiny", "--output", str(out),
+            "--set", f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "--set", "train.cpus_per_worker=0.5"]
+    cwd = os.getcwd()
+    os.chdir(root)  # MLflow's default artifact root (./mlruns) lands beside the comparison
+    try:
+        rc = main(argv + ["--tune", "--parallel"])
+    finally:
+        ray.shutdown()
+        os.chdir(cwd)
+    return {"rc": rc, "root": root, "out": out, "argv": argv, "tracking": f"sqlite:///{root / 'mlflow.db'}"}

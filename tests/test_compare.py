@@ -1,7 +1,8 @@
 """jobs.compare end to end on digits at a tiny budget (issue 13): every method of ALGORITHM §6.7 trains
 through Ray Train, is evaluated identically, and lands in the table, the JSON, the plot and the strips;
-a --resume after completion redoes nothing. Slow: eight short Ray Train runs, two at a time (--parallel, half
-a CPU per worker: 2 x 0.5 reserved + 1 CPU for Ray Data on the 2-CPU machine)."""
+a --resume after completion redoes nothing. Slow: eight short Ray Train runs and a two-trial sweep, two at a
+time (--parallel, half a CPU per worker: 2 x 0.5 reserved + 1 CPU for Ray Data on the 2-CPU machine); the
+run is conftest's session fixture `tiny_comparison`, whose checkpoints test_methods samples too."""
 
 from __future__ import annotations
 
@@ -13,18 +14,15 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tmp_path, monkeypatch):
+def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tiny_comparison):
     import ray
 
-    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands in tmp_path
     from jobs.compare import main
     from shortcut_ray.compare import METHODS
 
-    out = tmp_path / "cmp"
-    argv = ["--preset", "compare_digits_tiny", "--output", str(out),
-            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "train.cpus_per_worker=0.5"]
+    out, argv = tiny_comparison["out"], tiny_comparison["argv"]
+    assert tiny_comparison["rc"] == 0
     try:
-        assert main(argv + ["--tune", "--parallel"]) == 0
         results = json.loads((out / "results.json").read_text())
         assert set(results["methods"]) == {m.name for m in METHODS} | {"shortcut_tuned"}
         tuned = results["tuned"]  # a 2-point grid at the same budget, selected on the in-loop metric
@@ -58,7 +56,7 @@ def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tmp_path, monk
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tiny_comparison["tracking"])
     parent = client.get_run(results["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert {"results.md", "results.json", "fd_vs_steps.png", "strips.png"} <= {
