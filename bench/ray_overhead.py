@@ -182,7 +182,7 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
             continue
         title = " ".join(info.get("cmdline") or []) or (info.get("name") or "")
         group = ("this_process" if info["pid"] == os.getpid() else "ray_train_worker" if "RayTrainWorker" in title
-                 else "ray_other" if "ray" in title.lower() or info.get("name") in ("raylet", "gcs_server")
+                 else "ray_other" if "ray::" in title or "/ray/" in title or info.get("name") in ("raylet", "gcs_server")
                  else "other")
         out[info["pid"]] = (group, times.user + times.system)
     return out

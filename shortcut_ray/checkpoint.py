@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,10 @@ from .config import Config
 from .storage import atomic_dir, atomic_write
 from .storage import local_copy as storage_local_copy
 from .faults import PermanentError
+
+# DCP warns on every single-process save/load; here that is chosen (see dcp_coordinated), not a mistake
+warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized, "
+                                          r"assuming the intent is to (save|load) in a single process")
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -49,7 +54,7 @@ def step_of(name: str) -> int | None:
     return int(rest) if rest.isdigit() else None
 
 
-def _distributed() -> bool:
+def dcp_coordinated() -> bool:
     """Coordinate DCP over the process group only when there is more than one rank. A one-rank group (Ray
     Train makes one even for a single worker) gains nothing from it, and a DCP save in distributed mode left
     the 2-thread CPU worker's steps ~40% slower for the rest of the run (bench.ray_overhead: 0.14 s/step
@@ -72,7 +77,7 @@ def save(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Opt
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema)}
     state.update({key: get_model_state_dict(m) for key, m in (modules or {}).items()})
-    dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+    dcp.save(state, checkpoint_id=path, no_dist=not dcp_coordinated())
     meta = {"step": step, "config": cfg.to_dict(), **(extra or {})}
     export_weights(os.path.join(path, WEIGHTS_FILE), model, ema, meta, rank)
     if rank == 0:
@@ -195,7 +200,7 @@ def load(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Opt
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema)}
     state.update({key: get_model_state_dict(m) for key, m in modules.items()})
-    _checked_load(state, path, not _distributed())
+    _checked_load(state, path, not dcp_coordinated())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     set_model_state_dict(ema, state["ema"])
     for key, m in modules.items():

@@ -151,8 +151,7 @@ def train_method(base: Config, method: Method, sets: list[str], out: str, log=pr
     return path
 
 
-def train_parallel(base: Config, methods: tuple[Method, ...], out: str, state: dict, protocol: Protocol,
-                   log=print) -> None:
+def train_parallel(base: Config, methods: tuple[Method, ...], out: str, state: dict, log=print) -> None:
     """--parallel: train the methods not done yet at once, each `train_method` in a Ray task (as a Tune trial
     driver runs: no CPU of its own), as many at a time as the cluster fits next to Ray Data
     (tune_space.max_concurrent_trials). Each is marked done as it lands; a failure lets the others finish,
@@ -347,10 +346,10 @@ def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = Fals
     write_state(out, state)
     try:
         if parallel:  # from scratch at once; then what needs the teacher or its pairs, at once
-            train_parallel(base, tuple(m for m in METHODS if not (m.teacher or m.pairs)), out, state, protocol, log)
+            train_parallel(base, tuple(m for m in METHODS if not (m.teacher or m.pairs)), out, state, log)
             if any(m.pairs for m in METHODS):
                 _pairs(out, state, protocol, log)
-            train_parallel(base, tuple(m for m in METHODS if m.teacher or m.pairs), out, state, protocol, log)
+            train_parallel(base, tuple(m for m in METHODS if m.teacher or m.pairs), out, state, log)
         for method in METHODS:
             _method(base, method, out, state, protocol, log)
         if state.get("tune"):

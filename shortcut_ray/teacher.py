@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import Config, ConfigError
@@ -148,14 +147,15 @@ def check_teacher(cfg: Config) -> dict | None:
 def load_weights(path: str, modules: dict[str, nn.Module]) -> None:
     """Load checkpoint entries ('model', 'ema', ...) into modules, plain or FSDP2-sharded (DCP reshards).
 
-    Every rank calls this when a process group exists (DCP load is collective)."""
+    Every rank calls this; DCP coordinates the ranks only when there are several (checkpoint.dcp_coordinated)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from . import safe_dcp
+    from .checkpoint import dcp_coordinated
 
     state = {key: get_model_state_dict(m) for key, m in modules.items()}
     # never unpickle code from a checkpoint (allow-listed metadata, weights_only entries: safe_dcp.py)
-    safe_dcp.load(state, path, no_dist=not (dist.is_available() and dist.is_initialized()))
+    safe_dcp.load(state, path, no_dist=not dcp_coordinated())
     for key, m in modules.items():
         set_model_state_dict(m, state[key])
 

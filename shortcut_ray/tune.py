@@ -34,7 +34,11 @@ from dataclasses import dataclass
 
 from .config import Config, ConfigError, override
 from .storage import atomic_write, filesystem, is_remote
-from .sweep_runs import closer_callback, finish_parent, register_best, runs
+from .sweep_runs import close_trial_runs, closer_callback, finish_parent, register_best, runs
+from .sweep_runs import final_status as _final_status
+
+# the trial-closing Tune callback of a sweep saved before sweep_runs.py existed refers to these by name
+_PICKLED_NAMES = (close_trial_runs, _final_status)
 from .tune_space import (DRIVER_RESOURCE, Dim, asha_grace_period, check_metric, default_space,
                          expected_trials, fmt_value, max_concurrent_trials, param_space)
 
