@@ -19,7 +19,6 @@ import json
 import shutil
 import tempfile
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -33,10 +32,6 @@ from .config import Config
 from .storage import atomic_dir, atomic_write
 from .storage import local_copy as storage_local_copy
 from .faults import PermanentError
-
-# DCP warns on every single-process save/load; here that is chosen (see dcp_coordinated), not a mistake
-warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized, "
-                                          r"assuming the intent is to (save|load) in a single process")
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -77,7 +72,8 @@ def save(path: str, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Opt
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema)}
     state.update({key: get_model_state_dict(m) for key, m in (modules or {}).items()})
-    dcp.save(state, checkpoint_id=path, no_dist=not dcp_coordinated())
+    with safe_dcp.single_process_quiet():
+        dcp.save(state, checkpoint_id=path, no_dist=not dcp_coordinated())
     meta = {"step": step, "config": cfg.to_dict(), **(extra or {})}
     export_weights(os.path.join(path, WEIGHTS_FILE), model, ema, meta, rank)
     if rank == 0:

@@ -11,7 +11,9 @@ entries with `weights_only=True` (tensor shards already are). Anything else is r
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import warnings
 from typing import Any
 
 import torch
@@ -98,13 +100,22 @@ class SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns on every single-process save or load; here that mode is chosen (checkpoint.dcp_coordinated)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def load(state: dict, path: str, no_dist: bool) -> None:
     """dcp.load with the safe reader and planner."""
     import torch.distributed.checkpoint as dcp
 
     reader, planner = SafeReader(path), SafePlanner()
     try:
-        dcp.load(state, checkpoint_id=path, storage_reader=reader, planner=planner, no_dist=no_dist)
+        with single_process_quiet():
+            dcp.load(state, checkpoint_id=path, storage_reader=reader, planner=planner, no_dist=no_dist)
     except BaseException:  # DCP's CheckpointException is a BaseException
         refused = reader.refused or planner.refused
         if refused is not None:
