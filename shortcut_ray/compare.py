@@ -166,7 +166,10 @@ def train_parallel(base: Config, methods: tuple[Method, ...], out: str, state: d
         return
     ensure_ray()
     res = driver_resources()
-    width = max_concurrent_trials(ray.cluster_resources(), base.train, 1.0, res.get("CPU", 0.0))
+    try:
+        width = max_concurrent_trials(ray.cluster_resources(), base.train, 1.0, res.get("CPU", 0.0))
+    except ConfigError:  # nothing fits the cluster as it is now (an autoscaler may add nodes): one at a time
+        width = 1
     task = ray.remote(train_method).options(num_cpus=res.pop("CPU", 0.0), resources=res, max_retries=0)
     teacher = state["done"].get("train:flow_matching", {}).get("checkpoint", "")
     pairs = os.path.join(out, "pairs") if any(m.pairs for m in todo) else ""
