@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import typing
 
-from .overrides import ConfigError
+from .overrides import check
 
 if typing.TYPE_CHECKING:
     from .config import ObjectiveConfig
 
 
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
+def rows_per_level(obj: ObjectiveConfig, b_b: int) -> int:
+    """Bootstrap rows each step level gets from b_b rows (half of them when bootstrap_dt_bias is on)."""
+    return b_b // obj.num_levels if obj.bootstrap_dt_bias == 0 else (b_b // 2) // obj.num_levels
 
 
 def bootstrap_batch(objective: ObjectiveConfig, global_batch: int) -> int:
@@ -29,19 +29,18 @@ def validate_bootstrap_layout(obj: ObjectiveConfig, global_batch: int, world: in
     """Refuse layouts the official code accepts but that silently drop step levels (§2.2, pitfall 9)."""
     b_b = bootstrap_batch(obj, global_batch)
     levels = obj.num_levels
-    per_level = b_b // levels if obj.bootstrap_dt_bias == 0 else (b_b // 2) // levels
     need = levels if obj.bootstrap_dt_bias == 0 else 2 * levels
-    _check(per_level >= 1,
+    check(rows_per_level(obj, b_b) >= 1,
            f"train.global_batch={global_batch} with objective.bootstrap_every={obj.bootstrap_every} gives "
            f"{b_b} bootstrap rows, fewer than the {need} needed to give each of the {levels} step levels "
            f"at least one row (bootstrap_dt_bias={obj.bootstrap_dt_bias}); with this the paper's code "
            f"silently trains only d=1. Raise train.global_batch to at least "
            f"{suggest_global_batch(obj, max(global_batch, need * obj.bootstrap_every), world)} or lower "
            f"objective.bootstrap_every.")
-    _check(b_b % world == 0,
+    check(b_b % world == 0,
            f"the {b_b} bootstrap rows (train.global_batch // objective.bootstrap_every) must split evenly over "
            f"train.num_workers={world}; e.g. set train.global_batch={suggest_global_batch(obj, global_batch, world)}")
-    _check(not obj.bootstrap_cfg or obj.class_conditional,
+    check(not obj.bootstrap_cfg or obj.class_conditional,
            "objective.bootstrap_cfg needs class labels; set objective.class_conditional=true or bootstrap_cfg=false")
 
 
@@ -56,8 +55,7 @@ def suggest_global_batch(obj: ObjectiveConfig, global_batch: int, world: int) ->
             return b_b >= 1 and b_b % world == 0
         if obj.train_type != "shortcut":
             return True
-        per_level = b_b // obj.num_levels if obj.bootstrap_dt_bias == 0 else (b_b // 2) // obj.num_levels
-        return per_level >= 1 and b_b % world == 0
+        return rows_per_level(obj, b_b) >= 1 and b_b % world == 0
 
     for delta in range(0, 1 << 13):
         for b in (global_batch + delta, global_batch - delta):
@@ -69,7 +67,7 @@ def suggest_global_batch(obj: ObjectiveConfig, global_batch: int, world: int) ->
 def validate_reflow_layout(obj: ObjectiveConfig, global_batch: int, world: int) -> None:
     """Live reflow replaces B // bootstrap_every flow rows by reflow rows, dealt over the workers (§6.5)."""
     b_b = bootstrap_batch(obj, global_batch)
-    _check(b_b >= 1 and b_b % world == 0,
+    check(b_b >= 1 and b_b % world == 0,
            f"live reflow needs train.global_batch // objective.bootstrap_every = {b_b} reflow rows to be >= 1 "
            f"and to split evenly over train.num_workers={world}; e.g. set "
            f"train.global_batch={suggest_global_batch(obj, global_batch, world)}")

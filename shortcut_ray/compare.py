@@ -151,7 +151,19 @@ def train_method(base: Config, method: Method, sets: list[str], out: str, log=pr
     return path
 
 
-def train_parallel(base: Config, methods: tuple[Method, ...], out: str, state: dict, log=print) -> None:
+def _sets(method: Method, out: str, state: dict, pairs: str = "") -> list[str]:
+    """`method_sets` of this comparison: its name and parent run, the flow-matching checkpoint once trained."""
+    teacher = state["done"].get("train:flow_matching", {}).get("checkpoint", "")
+    return method_sets(method, out, state["name"], state.get("parent_run_id", ""), teacher, pairs)
+
+
+def _mark_trained(out: str, state: dict, method: Method, ckpt: str, sets: list[str], **info) -> None:
+    mark_done(out, state, f"train:{method.name}", [ckpt], checkpoint=ckpt,
+              command=train_command(state["preset"], state["sets"], sets), **info)
+
+
+def train_parallel(base: Config, methods: tuple[Method, ...], out: str, state: dict, pairs: str = "",
+                   log=print) -> None:
     """--parallel: train the methods not done yet at once, each `train_method` in a Ray task (as a Tune trial
     driver runs: no CPU of its own), as many at a time as the cluster fits next to Ray Data
     (tune_space.max_concurrent_trials). Each is marked done as it lands; a failure lets the others finish,
@@ -171,14 +183,12 @@ def train_parallel(base: Config, methods: tuple[Method, ...], out: str, state: d
     except ConfigError:  # nothing fits the cluster as it is now (an autoscaler may add nodes): one at a time
         width = 1
     task = ray.remote(train_method).options(num_cpus=res.pop("CPU", 0.0), resources=res, max_retries=0)
-    teacher = state["done"].get("train:flow_matching", {}).get("checkpoint", "")
-    pairs = os.path.join(out, "pairs") if any(m.pairs for m in todo) else ""
     log(f"[compare] training {', '.join(m.name for m in todo)}: {min(width, len(todo))} at a time")
     running, errors = {}, []
     while todo or running:
         while todo and len(running) < width:
             m = todo.pop(0)
-            sets = method_sets(m, out, state["name"], state.get("parent_run_id", ""), teacher, pairs)
+            sets = _sets(m, out, state, pairs if m.pairs else "")
             running[task.remote(base, m, sets, out)] = (m, sets, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         [ref], _ = ray.wait(list(running), num_returns=1)
         m, sets, started = running.pop(ref)
@@ -188,8 +198,7 @@ def train_parallel(base: Config, methods: tuple[Method, ...], out: str, state: d
             errors.append(f"{m.name}: {e}")
             todo = []  # start nothing new after a failure
             continue
-        mark_done(out, state, f"train:{m.name}", [ckpt], checkpoint=ckpt, started=started,
-                  command=train_command(state["preset"], state["sets"], sets))
+        _mark_trained(out, state, m, ckpt, sets, started=started)
         log(f"[compare] {m.name} trained: {ckpt}")
     if errors:
         raise RuntimeError("training failed: " + "; ".join(errors) + "; rerun with --resume to continue")
@@ -230,13 +239,9 @@ def _pairs(out: str, state: dict, protocol: Protocol, log) -> str:
 
 def _method(base: Config, method: Method, out: str, state: dict, protocol: Protocol, log) -> None:
     stage = f"train:{method.name}"
-    teacher = state["done"].get("train:flow_matching", {}).get("checkpoint", "")
-    pairs = _pairs(out, state, protocol, log) if method.pairs else ""
-    sets = method_sets(method, out, state["name"], state.get("parent_run_id", ""), teacher, pairs)
+    sets = _sets(method, out, state, _pairs(out, state, protocol, log) if method.pairs else "")
     if not is_done(state, stage):
-        ckpt = train_method(base, method, sets, out, log)
-        mark_done(out, state, stage, [ckpt], checkpoint=ckpt,
-                  command=train_command(state["preset"], state["sets"], sets))
+        _mark_trained(out, state, method, train_method(base, method, sets, out, log), sets)
     if not is_done(state, f"eval:{method.name}"):
         log(f"[compare] evaluating {method.name} at N = {list(base.eval.fid_steps)}")
         files = evaluate_into(base, method, state["done"][stage]["checkpoint"], out, protocol.strip)
@@ -349,10 +354,9 @@ def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = Fals
     write_state(out, state)
     try:
         if parallel:  # from scratch at once; then what needs the teacher or its pairs, at once
-            train_parallel(base, tuple(m for m in METHODS if not (m.teacher or m.pairs)), out, state, log)
-            if any(m.pairs for m in METHODS):
-                _pairs(out, state, protocol, log)
-            train_parallel(base, tuple(m for m in METHODS if m.teacher or m.pairs), out, state, log)
+            train_parallel(base, tuple(m for m in METHODS if not (m.teacher or m.pairs)), out, state, log=log)
+            pairs = _pairs(out, state, protocol, log) if any(m.pairs for m in METHODS) else ""
+            train_parallel(base, tuple(m for m in METHODS if m.teacher or m.pairs), out, state, pairs, log)
         for method in METHODS:
             _method(base, method, out, state, protocol, log)
         if state.get("tune"):

@@ -19,18 +19,13 @@ from dataclasses import dataclass, field
 
 # The override path (and the error type) lives in overrides.py; importable from here as well.
 from .batch_layout import suggest_global_batch, validate_bootstrap_layout, validate_reflow_layout
-from .overrides import ConfigError, apply_overrides, coerce, field_type, from_dict, override, parse_overrides, \
+from .overrides import ConfigError, apply_overrides, check, coerce, field_type, from_dict, override, parse_overrides, \
     parse_value
 
 REEXPORTED = (apply_overrides, coerce, field_type, override, parse_overrides, parse_value)
 
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9_.=+-]+")
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -52,12 +47,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "depth", "num_heads", "patch_size"):
-            _check(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.hidden_size % self.num_heads == 0,
+            check(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        check(self.hidden_size % self.num_heads == 0,
                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
-        _check(self.hidden_size % 4 == 0,
+        check(self.hidden_size % 4 == 0,
                f"model.hidden_size ({self.hidden_size}) must be divisible by 4 for the 2-D sin-cos positions")
-        _check(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        check(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
 
 
 @dataclass(frozen=True)
@@ -104,18 +99,18 @@ class ObjectiveConfig:
             object.__setattr__(self, "train_type", canonical(self.train_type))  # aliases -> canonical name
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        _check(self.sampler in ("euler", "multistep"),
+        check(self.sampler in ("euler", "multistep"),
                f"objective.sampler must be 'euler' or 'multistep', got {self.sampler!r}")
         m = self.denoise_timesteps
-        _check(m >= 2 and (m & (m - 1)) == 0,
+        check(m >= 2 and (m & (m - 1)) == 0,
                f"objective.denoise_timesteps must be a power of two >= 2 (e.g. 128), got {m}")
-        _check(self.bootstrap_every >= 1, f"objective.bootstrap_every must be >= 1, got {self.bootstrap_every}")
-        _check(self.bootstrap_dt_bias in (0, 1),
+        check(self.bootstrap_every >= 1, f"objective.bootstrap_every must be >= 1, got {self.bootstrap_every}")
+        check(self.bootstrap_dt_bias in (0, 1),
                f"objective.bootstrap_dt_bias must be 0 or 1, got {self.bootstrap_dt_bias}")
-        _check(0.0 <= self.class_dropout_prob <= 1.0,
+        check(0.0 <= self.class_dropout_prob <= 1.0,
                f"objective.class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
-        _check(self.clip_bootstrap > 0, f"objective.clip_bootstrap must be > 0, got {self.clip_bootstrap}")
-        _check(0 <= self.eps < 1, f"objective.eps must be in [0, 1), got {self.eps}")
+        check(self.clip_bootstrap > 0, f"objective.clip_bootstrap must be > 0, got {self.clip_bootstrap}")
+        check(0 <= self.eps < 1, f"objective.eps must be in [0, 1), got {self.eps}")
 
     @property
     def num_levels(self) -> int:
@@ -141,12 +136,12 @@ class OptimConfig:
     """Global grad-norm clip; <= 0 disables (official: none)."""
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be a finite number > 0, got {self.lr}")
-        _check(math.isfinite(self.grad_clip), f"optim.grad_clip must be finite (<= 0 disables), got {self.grad_clip}")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
-        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.schedule in ("constant", "cosine"),
+        check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be a finite number > 0, got {self.lr}")
+        check(math.isfinite(self.grad_clip), f"optim.grad_clip must be finite (<= 0 disables), got {self.grad_clip}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
+        check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.schedule in ("constant", "cosine"),
                f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
 
 
@@ -160,7 +155,7 @@ class EMAConfig:
     """Sample / compute FID with the EMA weights (official default: online weights)."""
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.decay < 1.0, f"ema.decay must be in [0, 1), got {self.decay}")
+        check(0.0 <= self.decay < 1.0, f"ema.decay must be in [0, 1), got {self.decay}")
 
 
 @dataclass(frozen=True)
@@ -203,15 +198,15 @@ class DataConfig:
     noise on every read, so they always stream). 0 = off. On GPU the rows are kept in device memory."""
 
     def __post_init__(self) -> None:
-        _check(self.source in ("digits", "parquet", "fashion_mnist"),
+        check(self.source in ("digits", "parquet", "fashion_mnist"),
                f"data.source must be 'digits', 'parquet' or 'fashion_mnist', got {self.source!r}")
-        _check(self.source != "parquet" or bool(self.uri),
+        check(self.source != "parquet" or bool(self.uri),
                "data.source='parquet' needs data.uri (a local path or gs://bucket/prefix of shards)")
-        _check(self.kind in ("pixels", "latents"), f"data.kind must be 'pixels' or 'latents', got {self.kind!r}")
-        _check(self.image_size >= 1 and self.channels >= 1 and self.num_classes >= 1,
+        check(self.kind in ("pixels", "latents"), f"data.kind must be 'pixels' or 'latents', got {self.kind!r}")
+        check(self.image_size >= 1 and self.channels >= 1 and self.num_classes >= 1,
                "data.image_size, data.channels and data.num_classes must be >= 1")
-        _check(self.readahead_mb >= 0, f"data.readahead_mb must be >= 0 (0 = off), got {self.readahead_mb}")
-        _check(self.cache_mb >= 0, f"data.cache_mb must be >= 0 (0 = off), got {self.cache_mb}")
+        check(self.readahead_mb >= 0, f"data.readahead_mb must be >= 0 (0 = off), got {self.readahead_mb}")
+        check(self.cache_mb >= 0, f"data.cache_mb must be >= 0 (0 = off), got {self.cache_mb}")
 
 
 @dataclass(frozen=True)
@@ -261,28 +256,28 @@ class TrainConfig:
     """Ray Data's progress bars on the console (off: one shortcut-ray line per log interval with ETA)."""
 
     def __post_init__(self) -> None:
-        _check(self.global_batch >= 1, f"train.global_batch must be >= 1, got {self.global_batch}")
-        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
-        _check(self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers}")
+        check(self.global_batch >= 1, f"train.global_batch must be >= 1, got {self.global_batch}")
+        check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        check(self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers}")
         # global_batch % num_workers is checked in Config, which can suggest a value every check accepts
-        _check(self.max_failures >= -1, f"train.max_failures must be >= 0, or -1 for unlimited restarts "
+        check(self.max_failures >= -1, f"train.max_failures must be >= 0, or -1 for unlimited restarts "
                                         f"(Ray's FailureConfig), got {self.max_failures}")
-        _check(not self.run_name or (_RUN_NAME.fullmatch(self.run_name) is not None and set(self.run_name) != {"."}),
+        check(not self.run_name or (_RUN_NAME.fullmatch(self.run_name) is not None and set(self.run_name) != {"."}),
                f"train.run_name {self.run_name!r} must be one folder name (letters, digits, '.', '_', '-', '='; "
                f"no '/' or '..'): it is a folder under train.storage_path")
-        _check(self.precision in ("auto", "bf16", "fp32"),
+        check(self.precision in ("auto", "bf16", "fp32"),
                f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         compile_mode = {True: "on", False: "off", "true": "on", "false": "off"}.get(
             str(self.compile).lower() if isinstance(self.compile, str) else self.compile, self.compile)
         object.__setattr__(self, "compile", compile_mode)  # old configs and --set say true/false
-        _check(self.compile in ("auto", "on", "off"),
+        check(self.compile in ("auto", "on", "off"),
                f"train.compile must be 'auto', 'on' or 'off', got {self.compile!r}")
-        _check(self.activation_checkpointing_policy in ("full", "selective"),
+        check(self.activation_checkpointing_policy in ("full", "selective"),
                f"train.activation_checkpointing_policy must be 'full' or 'selective', "
                f"got {self.activation_checkpointing_policy!r}")
-        _check(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        _check(self.torch_threads >= 0, f"train.torch_threads must be >= 0 (0 = Ray's default), got {self.torch_threads}")
-        _check(self.num_to_keep >= 1, f"train.num_to_keep must be >= 1, got {self.num_to_keep}")
+        check(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        check(self.torch_threads >= 0, f"train.torch_threads must be >= 0 (0 = Ray's default), got {self.torch_threads}")
+        check(self.num_to_keep >= 1, f"train.num_to_keep must be >= 1, got {self.num_to_keep}")
 
 
 @dataclass(frozen=True)
@@ -312,12 +307,12 @@ class EvalConfig:
     """Rows per worker for each heat-map cell and reconstruction (real images of the last batch)."""
 
     def __post_init__(self) -> None:
-        _check(len(self.sample_steps) >= 1 and len(self.fid_steps) >= 1,
+        check(len(self.sample_steps) >= 1 and len(self.fid_steps) >= 1,
                "eval.sample_steps and eval.fid_steps must not be empty")
         for n in (*self.sample_steps, *self.fid_steps):
-            _check(isinstance(n, int) and 1 <= n, f"eval step counts must be positive integers, got {n}")
-        _check(self.grid_size >= 1, f"eval.grid_size must be >= 1, got {self.grid_size}")
-        _check(self.diagnostic_t_bins >= 1 and self.diagnostic_rows >= 1,
+            check(isinstance(n, int) and 1 <= n, f"eval step counts must be positive integers, got {n}")
+        check(self.grid_size >= 1, f"eval.grid_size must be >= 1, got {self.grid_size}")
+        check(self.diagnostic_t_bins >= 1 and self.diagnostic_rows >= 1,
                "eval.diagnostic_t_bins and eval.diagnostic_rows must be >= 1")
 
 
@@ -344,7 +339,7 @@ class TrackingConfig:
     """Model Registry name of the logged generator; 'auto': 'shortcut-ray-<preset>'; empty: do not register."""
 
     def __post_init__(self) -> None:
-        _check(self.system_metrics in ("auto", "on", "off"),
+        check(self.system_metrics in ("auto", "on", "off"),
                f"tracking.system_metrics must be 'auto', 'on' or 'off', got {self.system_metrics!r}")
 
 
@@ -363,18 +358,18 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        _check(self.data.image_size % self.model.patch_size == 0,
+        check(self.data.image_size % self.model.patch_size == 0,
                f"data.image_size ({self.data.image_size}) must be divisible by model.patch_size "
                f"({self.model.patch_size})")
         m = self.objective.denoise_timesteps
         for n in self.eval.sample_steps + self.eval.fid_steps:
-            _check(n <= m, f"eval step count {n} exceeds objective.denoise_timesteps ({m}); "
+            check(n <= m, f"eval step count {n} exceeds objective.denoise_timesteps ({m}); "
                            f"the model was never trained on steps smaller than 1/{m}")
         gb, nw = self.train.global_batch, self.train.num_workers
-        _check(gb % nw == 0, f"train.global_batch ({gb}) must be divisible by train.num_workers ({nw}); e.g. set "
+        check(gb % nw == 0, f"train.global_batch ({gb}) must be divisible by train.num_workers ({nw}); e.g. set "
                              f"train.global_batch={suggest_global_batch(self.objective, gb, nw)}")
         if self.objective.train_type == "shortcut":
-            _check(self.objective.bootstrap_every >= 2,
+            check(self.objective.bootstrap_every >= 2,
                    "objective.bootstrap_every=1 makes every row a self-consistency row: no row gets the flow-matching "
                    "loss, the loss is exactly 0 and nothing is learned; use >= 2 (official: 8)")
             validate_bootstrap_layout(self.objective, gb, nw)

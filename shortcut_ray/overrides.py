@@ -19,7 +19,8 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message says what to change."""
 
 
-def _check(ok: bool, msg: str) -> None:
+def check(ok: bool, msg: str) -> None:
+    """ConfigError(msg) unless ok: the form of every config check (config.py, batch_layout.py)."""
     if not ok:
         raise ConfigError(msg)
 
@@ -29,7 +30,7 @@ def from_dict(cls, d: dict):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
-    _check(not unknown, f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(names)}")
+    check(not unknown, f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(names)}")
     kwargs = {}
     for name in names & set(d):
         t, v = hints[name], d[name]
@@ -112,7 +113,7 @@ def parse_overrides(items: typing.Iterable[str]) -> dict[str, str]:
     """['optim.lr=3e-4', ...] -> {'optim.lr': '3e-4', ...} (later items win)."""
     out = {}
     for item in items:
-        _check("=" in item, f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+        check("=" in item, f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
         key, raw = item.split("=", 1)
         out[key.strip()] = raw
     return out
