@@ -5,6 +5,8 @@ r"""The paper's comparison (ALGORITHM §6.7, §7.2) in one command: every method
         --set eval.fid_weights=/work/shared/weights/fid_inception_v3.pt > compare.log 2>&1 &
     python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume   # after a crash
     python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume --tune  # + tuned row
+    python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume \
+        --set eval.fid_weights=/path/fid_inception_v3.pt       # + FID: every method evaluated again, none retrained
 
 Trains flow matching (also the teacher), then shortcut, consistency training, live reflow and diffusion
 from scratch, progressive and consistency distillation from the flow-matching checkpoint, generates
@@ -14,7 +16,9 @@ MLflow run of one parent run. Every method is evaluated the same way on this pro
 same noise, N = eval.fid_steps) with the real-vs-real floor at that sample count. Writes into --output
 (and as artifacts of the parent run): results.md (the table), results.json (every number, the sampler of
 each method and the exact commands), fd_vs_steps.png and strips.png. --resume skips finished stages
-(<output>/state.json). The --set overrides apply to every method.
+(<output>/state.json). The --set overrides apply to every method. On --resume only eval.* settings may
+change: the trained methods are kept and evaluated again (the previous evaluation moves to
+<output>/superseded/<time>/).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="folder for the runs, the evaluations, the table and the plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every method, e.g. --set train.max_steps=2000 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the comparison in --output, skipping done stages")
+    p.add_argument("--resume", action="store_true", help="continue the comparison in --output, skipping done stages (changed eval.* settings: "
+                        "every method is evaluated again, none retrained)")
     p.add_argument("--tune", action="store_true",
                    help="add a tuned shortcut row: a Tune grid over objective.bootstrap_every and ema.decay at the "
                         "same budget, the best trial evaluated like every method (with --resume: added to a "
@@ -52,7 +57,9 @@ def main(argv=None) -> int:
     from shortcut_ray.compare_report import table
     from shortcut_ray.compare import TABLE_ORDER
 
-    print(table(results, TABLE_ORDER))
+    from shortcut_ray.compare_report import metrics_of
+
+    print("\n".join(table(results, TABLE_ORDER, m) for m in metrics_of(results)))
     return 0
 
 

@@ -15,7 +15,9 @@ eval.fid_weights is set. With --tune a grid sweep of shortcut at the same budget
 
 State: <out>/state.json lists the finished stages; with resume=True a stage listed there whose files
 exist is skipped, so a crash or Ctrl-C continues where it stopped (a half-trained method resumes from
-its latest Ray Train checkpoint: same storage path and run name).
+its latest Ray Train checkpoint: same storage path and run name). A resume whose config differs only in
+eval.* keeps the trained methods and redoes the evaluation (compare_eval.supersede); any other difference
+is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .compare_eval import evaluate_into, floor
+from .compare_eval import evaluate_into, floor, supersede
 from .config import Config, ConfigError, apply_overrides
 
 STATE_FILE = "state.json"
@@ -306,7 +308,8 @@ def _floor(base: Config, out: str, state: dict, log) -> None:
     mark_done(out, state, "floor", [path])
 
 
-def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list[str]) -> tuple[Config, dict]:
+def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list[str],
+           log=print) -> tuple[Config, dict]:
     from .launch import resolve_runtime
     from .presets import get_preset
 
@@ -317,9 +320,16 @@ def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list
     if state["done"] and not resume:
         raise ConfigError(f"{out} already holds a comparison ({len(state['done'])} stage(s) done); pass --resume "
                           f"to continue it, or choose another --output")
-    if state.get("config") and state["config"] != json.loads(base.to_json()):
-        raise ConfigError(f"{out} was started with another config (preset {state.get('preset')}, --set "
-                          f"{state.get('sets')}); resume it with the same arguments or choose another --output")
+    new = json.loads(base.to_json())
+    if state.get("config") and state["config"] != new:
+        changed = sorted(k for k in set(state["config"]) | set(new) if state["config"].get(k) != new.get(k))
+        if changed != ["eval"] or state.get("preset") != preset:
+            raise ConfigError(f"{out} was started with another config (preset {state.get('preset')}, --set "
+                              f"{state.get('sets')}; now {', '.join(changed)} differ); resume it with the same "
+                              f"arguments (only eval.* may change: the methods are then evaluated again) or "
+                              f"choose another --output")
+        supersede(out, state, state["config"]["eval"], new["eval"],
+                  shlex.join([sys.executable, "-m", "jobs.compare", *argv]), log)
     protocol = PROTOCOLS.get(preset, Protocol())
     before = json.dumps(state, sort_keys=True)
     state.update(config=json.loads(base.to_json()), preset=preset, sets=list(base_sets), protocol=dataclasses.asdict(protocol),
@@ -338,7 +348,7 @@ def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = Fals
     from .compare_report import write_report
 
     out = os.path.abspath(out)
-    base, state = _start(preset, list(base_sets), out, resume, list(argv))
+    base, state = _start(preset, list(base_sets), out, resume, list(argv), log)
     protocol = Protocol(**{**state["protocol"], "tune_space": tuple(state["protocol"]["tune_space"])})
     if tune and not state.get("tune"):
         state["tune"] = True

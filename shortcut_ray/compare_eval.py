@@ -6,11 +6,18 @@ rule (recorded); the real-vs-real floor is the next fid_samples images against t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
+import shutil
+import time
 
 from .config import Config, ConfigError
+
+OUTPUTS = ("eval", "results.json", "results.md", "fd_vs_steps.png", "strips.png")
+"""What the evaluation writes into the comparison's folder (moved aside when it is redone)."""
+_REFERENCES: dict[str, object] = {}
 
 
 def real_images(data_cfg, count: int):
@@ -41,14 +48,21 @@ def real_images(data_cfg, count: int):
                       f"the reference plus as many for the real-vs-real floor): lower eval.fid_samples")
 
 
-def reference_evaluator(cfg: Config, ref):
+def reference_evaluator(cfg: Config):
+    """An Evaluator holding the comparison's reference statistics (the first eval.fid_samples dataset
+    images; pixel FD, and FID with eval.fid_weights). Built once per data and eval settings in this
+    process, so InceptionV3 sees the reference once, not once per method."""
     import torch
 
     from .evaluation import Evaluator
 
-    ev = Evaluator(cfg, torch.device("cpu"))
-    ev.set_reference(ref)
-    return ev
+    key = json.dumps([dataclasses.asdict(cfg.data), dataclasses.asdict(cfg.eval)], sort_keys=True)
+    if key not in _REFERENCES:
+        ev = Evaluator(cfg, torch.device("cpu"))
+        ev.set_reference(real_images(cfg.data, cfg.eval.fid_samples))
+        _REFERENCES.clear()  # one comparison at a time: keep one network and one reference
+        _REFERENCES[key] = ev
+    return _REFERENCES[key]
 
 
 def floor(cfg: Config) -> dict:
@@ -57,9 +71,8 @@ def floor(cfg: Config) -> dict:
     from .fid import FeatureStats
 
     n = cfg.eval.fid_samples
-    images = real_images(cfg.data, 2 * n)
-    ev = reference_evaluator(cfg, images[:n])
-    held = images[n:]
+    ev = reference_evaluator(cfg)
+    held = real_images(cfg.data, 2 * n)[n:]
     out = {"samples": n, "images": f"dataset images {n}..{2 * n - 1} vs the reference 0..{n - 1} (file order)",
            "fd_pixel": FeatureStats.from_features(pooled(held).numpy()).frechet_distance(ev.ref_pixel)}
     if ev.inception is not None:
@@ -93,7 +106,8 @@ def evaluate_method(ckpt: str, base: Config, strip: int) -> tuple[dict, "object"
 
     model, cfg, meta = load_for_inference(ckpt, "auto")
     cfg = dataclasses.replace(cfg, eval=base.eval)  # identical samples, noise, N and reference for all
-    ev = reference_evaluator(cfg, real_images(base.data, cfg.eval.fid_samples))
+    ev = copy.copy(reference_evaluator(base))  # the shared reference, this method's sampler settings
+    ev.cfg = cfg
     metrics, report = ev.run(model)
     d = cfg.data
     noise = fixed_noise((strip, d.channels, d.image_size, d.image_size), cfg.eval.seed)
@@ -131,3 +145,27 @@ def evaluate_into(base: Config, method, ckpt: str, out: str, strip: int, **extra
     if base.tracking.enabled:
         log_child(base.tracking.tracking_uri, record)
     return files
+
+
+def supersede(out: str, state: dict, old_eval: dict, new_eval: dict, command: str, log=print) -> str:
+    """The evaluation settings changed on --resume (e.g. eval.fid_weights added to add FID): the trained
+    methods are kept; the previous evaluation's files move to <out>/superseded/<time>/ and its stages are
+    dropped from `state`, so that every method, the floor and the report are evaluated again."""
+    changed = {k: [old_eval.get(k), new_eval.get(k)] for k in sorted(set(old_eval) | set(new_eval))
+               if old_eval.get(k) != new_eval.get(k)}
+    stamp, i = time.strftime("%Y%m%d-%H%M%S", time.gmtime()), 1
+    dest = os.path.join(out, "superseded", stamp)
+    while os.path.exists(dest):  # two changes within a second
+        i += 1
+        dest = os.path.join(out, "superseded", f"{stamp}-{i}")
+    os.makedirs(dest)
+    for name in OUTPUTS:
+        if os.path.exists(os.path.join(out, name)):
+            shutil.move(os.path.join(out, name), os.path.join(dest, name))
+    for stage in [s for s in state["done"] if s.startswith("eval:") or s in ("floor", "report")]:
+        del state["done"][stage]
+    state.setdefault("evaluations", []).append({"changed": changed, "superseded": dest, "command": command,
+                                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    log("[compare] eval settings changed (" + ", ".join(f"eval.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        + f"): the trained methods are kept and evaluated again; the previous evaluation is in {dest}")
+    return dest

@@ -25,6 +25,7 @@ def collect(out: str, state: dict, methods) -> dict:
                           "model": cfg["model"], "lr": cfg["optim"]["lr"], "ema_decay": cfg["ema"]["decay"]},
                "protocol": state["protocol"], "parent_run_id": state.get("parent_run_id"),
                "floor": _load(out, "floor"), "methods": {},
+               "evaluations": state.get("evaluations", []),  # evaluations redone with other eval settings
                "commands": {"compare": state["command"],
                             **{k.split(":", 1)[-1]: v["command"] for k, v in state["done"].items() if "command" in v}}}
     for m in methods:
@@ -35,9 +36,14 @@ def collect(out: str, state: dict, methods) -> dict:
     return results
 
 
-def table(results: dict, order) -> str:
+def metrics_of(results: dict) -> list[str]:
+    """The table's metrics, headline first: FID and FD when FID was computed, else FD."""
+    return ["fid", "fd_pixel"] if results["metric"] == "fid" else ["fd_pixel"]
+
+
+def table(results: dict, order, metric: str = "") -> str:
     order = [k for k in order if k in results["methods"]]  # the tuned row only with --tune
-    metric, steps = results["metric"], results["steps"]
+    metric, steps = metric or results["metric"], results["steps"]
     name = "FID" if metric == "fid" else "FD (pixel space, 16x16 pooled)"
     lines = [f"{name} at N sampling steps, {results['samples']} samples from the same noise (eval.seed "
              f"{results['eval_seed']}); equal budget: {results['budget']['max_steps']} steps of batch "
@@ -59,26 +65,28 @@ def table(results: dict, order) -> str:
 
 
 def plot(results: dict, order, path: str) -> None:
+    """One panel per metric (FID, then FD, when FID was computed): metric vs N, the floor dashed."""
     order = [k for k in order if k in results["methods"]]  # the tuned row only with --tune
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, steps = results["metric"], results["steps"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in order:
-        r = results["methods"][key]
-        ax.plot(steps, [r["metrics"].get(f"{metric}/N{n}", np.nan) for n in steps], marker="o",
-                lw=2.5 if key == "shortcut" else 1.2, label=r["label"])
-    ax.axhline(results["floor"][metric], ls="--", color="k", label="real vs real (floor)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(steps, [str(n) for n in steps])
-    ax.set_xlabel("sampling steps N")
-    ax.set_ylabel("FID" if metric == "fid" else "FD (pixel space)")
-    ax.set_title(f"{results['preset']}: {results['samples']} samples, {results['budget']['max_steps']} steps each")
-    ax.legend(fontsize=7, loc="best")
+    steps, metrics = results["steps"], metrics_of(results)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for key in order:
+            r = results["methods"][key]
+            ax.plot(steps, [r["metrics"].get(f"{metric}/N{n}", np.nan) for n in steps], marker="o",
+                    lw=2.5 if key == "shortcut" else 1.2, label=r["label"])
+        ax.axhline(results["floor"][metric], ls="--", color="k", label="real vs real (floor)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(steps, [str(n) for n in steps])
+        ax.set_xlabel("sampling steps N")
+        ax.set_ylabel("FID" if metric == "fid" else "FD (pixel space)")
+        ax.set_title(f"{results['preset']}: {results['samples']} samples, {results['budget']['max_steps']} steps each")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -119,7 +127,10 @@ def write_report(out: str, state: dict, methods, order) -> tuple[dict, list[str]
     with open(files[0], "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
     with open(files[1], "w") as f:
-        f.write(f"# {results['name']}\n\n{table(results, order)}\nCommand: `{results['commands']['compare']}`\n")
+        f.write(f"# {results['name']}\n\n" + "\n".join(table(results, order, m) for m in metrics_of(results))
+                + f"\nCommand: `{results['commands']['compare']}`\n"
+                + "".join(f"\nEvaluated again ({', '.join('eval.' + k for k in e['changed'])} changed): "
+                          f"`{e['command']}`\n" for e in results["evaluations"]))
     plot(results, order, files[2])
     strips(out, results, order, files[3])
     return results, files

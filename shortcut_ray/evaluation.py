@@ -52,6 +52,7 @@ class Evaluator:
         self.ref_pixel: FeatureStats | None = None
         self.ref_fid: FeatureStats | None = FeatureStats.load(cfg.eval.fid_ref_stats) if cfg.eval.fid_ref_stats else None
         self.num_reference = 0
+        self.reference_data = ""
 
     @property
     def samples_per_rank(self) -> int:
@@ -63,12 +64,13 @@ class Evaluator:
         if self.ref_fid is None or self.inception is None:  # no FID, nothing to attribute
             return {}
         return self.ref_fid.provenance or {"source": f"computed from {self.num_reference} real images of "
-                                                     f"{self.cfg.data.source} {self.cfg.data.uri}".strip()}
+                                                     f"{self.reference_data}".strip()}
 
     def set_reference(self, local_images: torch.Tensor) -> None:
         """Real images (this rank's share, model space); gathered so every rank holds the statistics."""
         real = all_gather_rows(local_images.to(self.device).float().contiguous())
         self.num_reference = real.shape[0]
+        self.reference_data = f"{self.cfg.data.source} {self.cfg.data.uri}"  # kept if cfg is swapped later
         self.ref_pixel = FeatureStats.from_features(pooled(real).cpu().numpy())
         if self.inception is not None and self.ref_fid is None:
             feats = all_gather_rows(self.inception(self._display(local_images.to(self.device))).float())

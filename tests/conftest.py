@@ -32,6 +32,21 @@ def recorder():
     return Recorder
 
 
+class TinyFidNet(torch.nn.Module):
+    """Stands in for InceptionV3 in FID tests: (B, 3, 299, 299) -> (B, 2048), linear in the image."""
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 32).flatten(1)[:, :2048]
+
+
+@pytest.fixture
+def tiny_fid_weights(tmp_path):
+    """A TorchScript TinyFidNet file, usable as eval.fid_weights."""
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(TinyFidNet()).save(str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_comparison(tmp_path_factory):
     """`jobs.compare --preset compare_digits_tiny --tune --parallel`, run once per session on its own local

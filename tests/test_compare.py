@@ -64,3 +64,43 @@ def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tiny_compariso
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == len(METHODS)
+
+
+def test_resume_with_fid_weights_adds_fid_to_every_method_without_training(tiny_comparison, tmp_path,
+                                                                           tiny_fid_weights):
+    """The committed table gained FID this way: the same comparison resumed with eval.fid_weights set.
+    Run on a copy of the comparison (its Ray Train runs stay where they are, named by state.json)."""
+    import shutil
+
+    import ray
+
+    from jobs.compare import main
+    from shortcut_ray.compare import METHODS
+
+    src = tiny_comparison["out"]
+    out = tmp_path / "cmp"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("runs"))
+    runs = {p: p.stat().st_mtime_ns for p in (src / "runs").rglob("*") if p.is_file()}
+    old = json.loads((out / "results.json").read_text())
+    argv = [*tiny_comparison["argv"][:2], "--output", str(out), *tiny_comparison["argv"][4:], "--resume"]
+    assert "--output" not in argv[4:] and "--resume" in argv
+    try:
+        assert main(argv + ["--set", f"eval.fid_weights={tiny_fid_weights}"]) == 0
+    finally:
+        ray.shutdown()
+    assert {p: p.stat().st_mtime_ns for p in (src / "runs").rglob("*") if p.is_file()} == runs  # nothing trained
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "fid" and set(results["methods"]) == set(old["methods"])
+    for name, r in results["methods"].items():
+        for n in (1, 2, 4, 8, 128):
+            assert math.isfinite(r["metrics"][f"fid/N{n}"]), (name, n)
+            # the same checkpoints, noise and reference: the pixel FD is unchanged
+            assert r["metrics"][f"fd_pixel/N{n}"] == pytest.approx(old["methods"][name]["metrics"][f"fd_pixel/N{n}"],
+                                                                    rel=1e-4), (name, n)
+        assert r["report"]["inception"].startswith("tiny.pt")
+    assert math.isfinite(results["floor"]["fid"]) and len(results["methods"]) == len(METHODS) + 1
+    [redo] = results["evaluations"]
+    assert list(redo["changed"]) == ["fid_weights"]
+    assert json.loads((out / "superseded" / redo["superseded"].split("/")[-1] / "results.json").read_text()) == old
+    table = (out / "results.md").read_text()
+    assert table.count("| real vs real (floor) |") == 2 and "FID at N" in table and "Evaluated again" in table

@@ -35,14 +35,8 @@ def test_fd_pixel_separates_matching_from_shifted_samples():
     assert report["samples"] == 600 and report["weights"] == "online" and set(report["per_N"]) == {"1", "4"}
 
 
-def test_fid_path_is_zero_on_the_reference_and_the_analytic_value_when_shifted(tmp_path):
-    class Tiny(torch.nn.Module):  # stands in for InceptionV3: (B,3,299,299) -> (B,2048), linear
-        def forward(self, x):
-            return torch.nn.functional.adaptive_avg_pool2d(x, 32).flatten(1)[:, :2048] * 3
-
-    path = tmp_path / "tiny.pt"
-    torch.jit.script(Tiny()).save(str(path))
-    cfg = _cfg(**{"eval.fid_weights": str(path), "eval.fid_samples": 100, "eval.fid_steps": "1"})
+def test_fid_path_is_zero_on_the_reference_and_the_analytic_value_when_shifted(tiny_fid_weights):
+    cfg = _cfg(**{"eval.fid_weights": str(tiny_fid_weights), "eval.fid_samples": 100, "eval.fid_steps": "1"})
     ev = Evaluator(cfg, torch.device("cpu"))
     # The Evaluator's own fixed noise (rank 0), so a model can reproduce the reference exactly.
     noise = torch.randn((100, 1, 16, 16), generator=torch.Generator().manual_seed(cfg.eval.seed * 7_919))

@@ -222,7 +222,7 @@ def test_jax_arrays_and_frozen_dicts_load_as_numpy_and_dicts_without_jax(tmp_pat
     np.testing.assert_array_equal(kernel, state["params"]["DiTBlock_0"]["Dense_2"]["kernel"])
 
 
-def test_official_fid_statistics_are_a_reference_with_provenance(tmp_path):
+def test_official_fid_statistics_are_a_reference_with_provenance(tmp_path, tiny_fid_weights):
     from shortcut_ray.config import apply_overrides
     from shortcut_ray.evaluation import Evaluator
     from shortcut_ray.fid import FeatureStats
@@ -238,12 +238,7 @@ def test_official_fid_statistics_are_a_reference_with_provenance(tmp_path):
     assert stats.n == 0 and stats.provenance == {"file": str(path), "sha256": sha,
                                                  "source": "official JAX statistics (kvfrans/shortcut-models)"}
 
-    class Tiny(torch.nn.Module):  # stands in for InceptionV3: (B, 3, 299, 299) -> (B, 2048)
-        def forward(self, x):
-            return torch.nn.functional.adaptive_avg_pool2d(x, 32).flatten(1)[:, :2048]
-
-    net = tmp_path / "tiny.pt"
-    torch.jit.script(Tiny()).save(str(net))
+    net = tiny_fid_weights
     cfg = apply_overrides(get_preset("debug_cpu"), [f"eval.fid_ref_stats={path}", f"eval.fid_weights={net}"])
     # what Evaluator.run puts in the eval JSON ("fid_reference") and log_reference sends to MLflow as fid_ref.*
     assert Evaluator(cfg, torch.device("cpu")).fid_reference == stats.provenance
