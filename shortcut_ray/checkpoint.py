@@ -10,15 +10,18 @@ Loading never runs code from the checkpoint: DCP metadata goes through safe_dcp'
 `save` runs on every rank (each writes its shards; DCP's coordinator writes .metadata) and writes
 state.json last, so a directory with a state.json is complete. Ray-free: the worker reports the
 directory to Ray Train, which uploads it to the run's storage (local or gs://). `load_for_inference`
-reads the weights into a plain single-process model (jobs/sample.py, jobs/evaluate.py).
+reads the weights into a plain single-process model (jobs/sample.py, jobs/evaluate.py). A checkpoint
+written before the fused q/k/v projection is converted on load into a private copy (`fuse_legacy_qkv`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
 import tempfile
-import os
 
 import torch
 import torch.distributed as dist
@@ -242,10 +245,62 @@ def load_for_inference(path: str, weights: str = "auto") -> tuple[nn.Module, Con
     return model.eval(), cfg, meta
 
 
-def _checked_load(state: dict, path: str, no_dist: bool) -> None:
-    """safe_dcp.load, with a size mismatch (a checkpoint of another model size) said plainly."""
+_LEGACY_QKV = re.compile(r"^(.*\.attn)\.([qkv])\.(weight|bias)((?:\..+)?)$")
+"""An attention projection entry of a checkpoint written before the fused q/k/v projection."""
+
+
+def fuse_legacy_qkv(flat: dict) -> dict:
+    """A flat checkpoint dict (safe_dcp.read_all) of the three-projection attention, in today's layout:
+    `*.attn.q/k/v.{weight,bias}[.exp_avg|.exp_avg_sq|.step]` stacked into `*.attn.qkv.*` (rows [q; k; v],
+    as model.Attention and its load hook do; Adam's step counters are equal, q's is kept), and the
+    optimiser's param-group name lists with q/k/v replaced by qkv at q's place (the model's order)."""
+    out, parts = {}, {}
+    for key, value in flat.items():
+        m = _LEGACY_QKV.match(key)
+        if m:
+            parts.setdefault((m[1], m[3], m[4]), {})[m[2]] = value
+        else:
+            out[key] = value
+    for (attn, kind, suffix), qkv in parts.items():
+        if set(qkv) != {"q", "k", "v"}:
+            raise PermanentError(f"checkpoint entry {attn}.{{q,k,v}}.{kind}{suffix} has only {sorted(qkv)}: "
+                                 f"it is not a complete pre-fusion checkpoint")
+        q = qkv["q"]
+        out[f"{attn}.qkv.{kind}{suffix}"] = q if q.dim() == 0 else torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+    for key, value in out.items():
+        if key.endswith(".params") and isinstance(value, list):
+            out[key] = [_fused_name(n) for n in value if _fused_name(n)]
+    return out
+
+
+def _fused_name(name: str) -> str:
+    """A parameter name in the fused layout: q's becomes qkv's, k's and v's become "" (dropped)."""
+    m = _LEGACY_QKV.match(name)
+    return name if not m else f"{m[1]}.qkv.{m[3]}{m[4]}" if m[2] == "q" else ""
+
+
+@contextlib.contextmanager
+def _current_layout(path: str):
+    """The checkpoint at `path`, or a private converted copy of it (removed afterwards) when it was
+    written before the fused q/k/v projection, so such runs still resume and sample."""
+    if not any(_LEGACY_QKV.match(k) for k in safe_dcp.SafeReader(path).read_metadata().state_dict_metadata):
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix="shortcut-fused-qkv-")
     try:
-        safe_dcp.load(state, path, no_dist)
+        with safe_dcp.single_process_quiet():
+            dcp.save(fuse_legacy_qkv(safe_dcp.read_all(path)), checkpoint_id=tmp, no_dist=True)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checked_load(state: dict, path: str, no_dist: bool) -> None:
+    """safe_dcp.load (of a pre-fusion checkpoint: of its converted copy), with a size mismatch (a
+    checkpoint of another model size) said plainly."""
+    try:
+        with _current_layout(path) as current:
+            safe_dcp.load(state, current, no_dist)
     except (PermanentError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException (per-rank errors) is a BaseException

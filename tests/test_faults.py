@@ -5,6 +5,7 @@ Each test reproduces one probe that failed before its fix. Tests that need Ray a
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 
@@ -199,6 +200,116 @@ def test_safe_loader_restores_everything_and_safetensors_export_matches(saved_ch
     out = tmp_path / "samples"
     assert sample.main([os.path.join(src, "weights.safetensors"), "--steps", "1", "--n", "4", "--out", str(out)]) == 0
     assert (out / "N001.png").exists()
+
+
+def _pre_fusion_copy(src: str, dst: str) -> str:
+    """`src` rewritten as a checkpoint of the three-projection attention (before q/k/v were fused):
+    every `*.attn.qkv.*` entry split into q, k and v rows, the optimiser's name lists likewise, and no
+    weights.safetensors (forces the DCP path)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from shortcut_ray import safe_dcp
+
+    legacy = {}
+    for key, value in safe_dcp.read_all(src).items():
+        if ".attn.qkv." in key:
+            for part, chunk in zip("qkv", value.chunk(3) if value.dim() else [value] * 3):
+                legacy[key.replace(".attn.qkv.", f".attn.{part}.")] = chunk.clone()
+        elif key.endswith(".params"):
+            legacy[key] = [n.replace(".attn.qkv.", f".attn.{p}.") for n in value
+                           for p in ("qkv" if ".attn.qkv." in n else "-")]
+        else:
+            legacy[key] = value
+    with safe_dcp.single_process_quiet():
+        dcp.save(legacy, checkpoint_id=dst, no_dist=True)
+    shutil.copy(os.path.join(src, "state.json"), dst)
+    return dst
+
+
+def test_checkpoint_written_before_the_qkv_fusion_still_resumes_and_samples(saved_checkpoint, tmp_path):
+    """A run checkpointed before q/k/v became one projection resumes with identical model, EMA and Adam
+    state (DCP matches entries by name, so it is converted into a private copy first, removed after)."""
+    import glob
+    import tempfile
+
+    import torch
+
+    from shortcut_ray import checkpoint, safe_dcp
+    from shortcut_ray.train_step import TrainState
+
+    src, st = saved_checkpoint
+    old = _pre_fusion_copy(src, str(tmp_path / "pre_fusion"))
+    stored = safe_dcp.SafeReader(old).read_metadata().state_dict_metadata
+    assert "optim.state.blocks.0.attn.k.weight.exp_avg" in stored and not any(".qkv." in k for k in stored)
+    fresh, again = TrainState.create(st.cfg), TrainState.create(st.cfg)
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "shortcut-fused-qkv-*")))
+    assert checkpoint.load(old, fresh.model, fresh.ema, fresh.optimizer)["step"] == 1
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "shortcut-fused-qkv-*"))) == before  # removed
+    checkpoint.load(src, again.model, again.ema, again.optimizer)
+    for (k, a), b in zip(fresh.model.state_dict().items(), st.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for a, b in zip(fresh.ema.parameters(), st.ema.parameters()):
+        assert torch.equal(a, b)
+    assert fresh.optimizer.state_dict()["param_groups"] == st.optimizer.state_dict()["param_groups"]
+    for (pa, sa), sb in zip(fresh.optimizer.state_dict()["state"].items(), st.optimizer.state_dict()["state"].values()):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), pa
+    g = torch.Generator().manual_seed(1)  # and training continues exactly as from today's checkpoint
+    x, y = torch.randn(64, 1, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    fresh.step_on(x, y)
+    again.step_on(x, y)
+    for a, b in zip(fresh.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+    model, _, _ = checkpoint.load_for_inference(old, "ema")
+    for (k, a), b in zip(model.state_dict().items(), st.ema.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def _load_both_sharded(rank: int, world: int, init: str, old: str, src: str, out: str) -> None:
+    """One rank of the 2-process test: FSDP2 states restored from the pre-fusion copy and from the
+    original (DCP coordinated across the ranks); rank 0 writes whether every full tensor agrees."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from shortcut_ray import checkpoint
+    from shortcut_ray.distributed import is_sharded
+    from shortcut_ray.train_step import TrainState
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    cfg = apply_overrides(get_preset("debug_cpu"), [f"train.num_workers={world}"])
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    states = []
+    for path in (old, src):
+        st = TrainState.create(cfg)
+        checkpoint.load(path, st.model, st.ema, st.optimizer)
+        states.append({**{f"model.{k}": v for k, v in get_model_state_dict(st.model, options=full).items()},
+                       **{f"ema.{k}": v for k, v in get_model_state_dict(st.ema, options=full).items()}})
+    if rank == 0:
+        differ = [k for k in states[1] if not torch.equal(states[0][k], states[1][k])]
+        with open(out, "w") as f:
+            json.dump({"sharded": is_sharded(st.model), "tensors": len(states[1]), "differ": differ}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pre_fusion_checkpoint_resumes_on_two_fsdp2_ranks(saved_checkpoint, tmp_path):
+    """Each rank converts into its own private copy; the coordinated DCP load of those copies restores
+    what today's checkpoint restores, tensor for tensor."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    src, _ = saved_checkpoint
+    old = _pre_fusion_copy(src, str(tmp_path / "pre_fusion"))
+    out = tmp_path / "result.json"
+    mp.spawn(_load_both_sharded, args=(2, f"file://{tmp_path}/pg", old, src, str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    assert res["sharded"] and res["tensors"] > 20 and res["differ"] == [], res
 
 
 def test_sample_on_missing_or_non_checkpoint_path_is_one_line_error(tmp_path, capsys):
