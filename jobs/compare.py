@@ -3,9 +3,10 @@ r"""The paper's comparison (ALGORITHM §6.7, §7.2) in one command: every method
     python -m jobs.compare --preset compare_digits_tiny --output runs/compare-tiny        # seconds per method
     nohup python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 \
         --set eval.fid_weights=/work/shared/weights/fid_inception_v3.pt > compare.log 2>&1 &
-    python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume   # after a crash
-    python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume --tune  # + tuned row
     python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume \
+        --set eval.fid_weights=/work/shared/weights/fid_inception_v3.pt   # after a crash: the same arguments
+    python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --resume --tune  # + tuned row
+    python -m jobs.compare --preset fashion_mnist_16px --output runs/compare-fmnist16 --reevaluate \
         --set eval.fid_weights=/path/fid_inception_v3.pt       # + FID: every method evaluated again, none retrained
 
 Trains flow matching (also the teacher), then shortcut, consistency training, live reflow and diffusion
@@ -16,9 +17,9 @@ MLflow run of one parent run. Every method is evaluated the same way on this pro
 same noise, N = eval.fid_steps) with the real-vs-real floor at that sample count. Writes into --output
 (and as artifacts of the parent run): results.md (the table), results.json (every number, the sampler of
 each method and the exact commands), fd_vs_steps.png and strips.png. --resume skips finished stages
-(<output>/state.json). The --set overrides apply to every method. On --resume only eval.* settings may
-change: the trained methods are kept and evaluated again (the previous evaluation moves to
-<output>/superseded/<time>/).
+(<output>/state.json). The --set overrides apply to every method; --resume takes the same ones. With
+--reevaluate a trained comparison may take other eval.* settings: every method is evaluated again, none
+retrained, and the previous evaluation moves to <output>/superseded/<time>/.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="folder for the runs, the evaluations, the table and the plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every method, e.g. --set train.max_steps=2000 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the comparison in --output, skipping done stages (changed eval.* settings: "
-                        "every method is evaluated again, none retrained)")
+    p.add_argument("--resume", action="store_true", help="continue the comparison in --output, skipping done stages (same --set as it was started with)")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="a trained comparison with other eval.* settings (e.g. --set eval.fid_weights=... to add "
+                        "FID): every method evaluated again, none retrained; the previous evaluation is kept in "
+                        "<output>/superseded/")
     p.add_argument("--tune", action="store_true",
                    help="add a tuned shortcut row: a Tune grid over objective.bootstrap_every and ema.decay at the "
                         "same budget, the best trial evaluated like every method (with --resume: added to a "
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
 
     try:
         results = run_compare(args.preset, args.set, args.output, resume=args.resume, argv=argv, tune=args.tune,
-                              parallel=args.parallel)
+                              parallel=args.parallel, reevaluate=args.reevaluate)
     except (ConfigError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
     from shortcut_ray.compare_report import table

@@ -15,9 +15,9 @@ eval.fid_weights is set. With --tune a grid sweep of shortcut at the same budget
 
 State: <out>/state.json lists the finished stages; with resume=True a stage listed there whose files
 exist is skipped, so a crash or Ctrl-C continues where it stopped (a half-trained method resumes from
-its latest Ray Train checkpoint: same storage path and run name). A resume whose config differs only in
-eval.* keeps the trained methods and redoes the evaluation (compare_eval.supersede); any other difference
-is refused.
+its latest Ray Train checkpoint: same storage path and run name). A resume with reevaluate=True whose
+config differs only in eval.* keeps the trained methods and redoes the evaluation (compare_eval.supersede);
+any other difference is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .compare_eval import evaluate_into, floor, supersede
+from .compare_eval import evaluate_into, finish_supersede, floor, supersede
 from .config import Config, ConfigError, apply_overrides
 
 STATE_FILE = "state.json"
@@ -308,8 +308,29 @@ def _floor(base: Config, out: str, state: dict, log) -> None:
     mark_done(out, state, "floor", [path])
 
 
+def _check_change(out: str, state: dict, preset: str, new: dict, reevaluate: bool) -> None:
+    """A resume with another config: refused, except eval.* with reevaluate once every method is trained."""
+    old = state["config"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed != ["eval"] or state.get("preset") != preset:
+        raise ConfigError(f"{out} was started with another config (preset {state.get('preset')}, --set "
+                          f"{state.get('sets')}; now {', '.join(changed)} differ): resume it with the same "
+                          f"arguments, or choose another --output (only eval.* may change, with --reevaluate)")
+    diff = ", ".join(f"eval.{k}: {old['eval'].get(k)!r} -> {v!r}" for k, v in sorted(new["eval"].items())
+                     if old["eval"].get(k) != v)
+    if not reevaluate:
+        raise ConfigError(f"{out} was evaluated with other settings ({diff}): resume with the --set it was started "
+                          f"with (state.json 'sets': {state.get('sets')}), or add --reevaluate to evaluate every "
+                          f"trained method again with these")
+    stages = [f"train:{m.name}" for m in METHODS] + ([f"tune:{TUNED.name}"] if state.get("tune") else [])
+    unfinished = [st.split(":", 1)[1] for st in stages if not is_done(state, st)]
+    if unfinished:
+        raise ConfigError(f"--reevaluate needs every method trained; {', '.join(unfinished)} not yet: finish the "
+                          f"comparison first (--resume with the --set it was started with: {state.get('sets')})")
+
+
 def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list[str],
-           log=print) -> tuple[Config, dict]:
+           log=print, reevaluate: bool = False) -> tuple[Config, dict]:
     from .launch import resolve_runtime
     from .presets import get_preset
 
@@ -320,16 +341,11 @@ def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list
     if state["done"] and not resume:
         raise ConfigError(f"{out} already holds a comparison ({len(state['done'])} stage(s) done); pass --resume "
                           f"to continue it, or choose another --output")
+    finish_supersede(out, state, write_state)  # a --reevaluate cut short between recording and moving
     new = json.loads(base.to_json())
     if state.get("config") and state["config"] != new:
-        changed = sorted(k for k in set(state["config"]) | set(new) if state["config"].get(k) != new.get(k))
-        if changed != ["eval"] or state.get("preset") != preset:
-            raise ConfigError(f"{out} was started with another config (preset {state.get('preset')}, --set "
-                              f"{state.get('sets')}; now {', '.join(changed)} differ); resume it with the same "
-                              f"arguments (only eval.* may change: the methods are then evaluated again) or "
-                              f"choose another --output")
-        supersede(out, state, state["config"]["eval"], new["eval"],
-                  shlex.join([sys.executable, "-m", "jobs.compare", *argv]), log)
+        _check_change(out, state, preset, new, reevaluate)
+        supersede(out, state, new, shlex.join([sys.executable, "-m", "jobs.compare", *argv]), write_state, log)
     protocol = PROTOCOLS.get(preset, Protocol())
     before = json.dumps(state, sort_keys=True)
     state.update(config=json.loads(base.to_json()), preset=preset, sets=list(base_sets), protocol=dataclasses.asdict(protocol),
@@ -341,14 +357,15 @@ def _start(preset: str, base_sets: list[str], out: str, resume: bool, argv: list
 
 
 def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = False, argv: list[str] = (),
-                log=print, tune: bool = False, parallel: bool = False) -> dict:
+                log=print, tune: bool = False, parallel: bool = False, reevaluate: bool = False) -> dict:
     """Run (or finish) the comparison in `out`; returns the results dict (also <out>/results.json).
     tune: add the tuned shortcut row (a finished comparison resumed with tune=True gains it).
+    reevaluate: a trained comparison resumed with other eval.* settings is evaluated again (else refused).
     parallel: train independent methods at once (`train_parallel`); the evaluation is the same."""
     from .compare_report import write_report
 
     out = os.path.abspath(out)
-    base, state = _start(preset, list(base_sets), out, resume, list(argv), log)
+    base, state = _start(preset, list(base_sets), out, resume or reevaluate, list(argv), log, reevaluate)
     protocol = Protocol(**{**state["protocol"], "tune_space": tuple(state["protocol"]["tune_space"])})
     if tune and not state.get("tune"):
         state["tune"] = True
@@ -362,6 +379,9 @@ def run_compare(preset: str, base_sets: list[str], out: str, resume: bool = Fals
     tracker, parent_id = _parent(base, state)
     state["parent_run_id"] = parent_id
     write_state(out, state)
+    if tracker:  # the parent's params keep the first evaluation's settings; later ones are tagged
+        tracker.set_tags({f"compare.evaluation.{i + 1}": json.dumps(e["changed"])
+                          for i, e in enumerate(state.get("evaluations", []))})
     try:
         if parallel:  # from scratch at once; then what needs the teacher or its pairs, at once
             train_parallel(base, tuple(m for m in METHODS if not (m.teacher or m.pairs)), out, state, log=log)

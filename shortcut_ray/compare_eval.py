@@ -56,7 +56,8 @@ def reference_evaluator(cfg: Config):
 
     from .evaluation import Evaluator
 
-    key = json.dumps([dataclasses.asdict(cfg.data), dataclasses.asdict(cfg.eval)], sort_keys=True)
+    e = cfg.eval  # what the reference depends on (not the noise seed, N or sampler settings)
+    key = json.dumps([dataclasses.asdict(cfg.data), e.fid_samples, e.fid_weights, e.fid_ref_stats], sort_keys=True)
     if key not in _REFERENCES:
         ev = Evaluator(cfg, torch.device("cpu"))
         ev.set_reference(real_images(cfg.data, cfg.eval.fid_samples))
@@ -147,25 +148,46 @@ def evaluate_into(base: Config, method, ckpt: str, out: str, strip: int, **extra
     return files
 
 
-def supersede(out: str, state: dict, old_eval: dict, new_eval: dict, command: str, log=print) -> str:
-    """The evaluation settings changed on --resume (e.g. eval.fid_weights added to add FID): the trained
-    methods are kept; the previous evaluation's files move to <out>/superseded/<time>/ and its stages are
-    dropped from `state`, so that every method, the floor and the report are evaluated again."""
+def supersede(out: str, state: dict, new_config: dict, command: str, write_state, log=print) -> None:
+    """Other eval.* settings on --reevaluate (e.g. eval.fid_weights added, to add FID): the trained methods
+    are kept; the evaluation stages are dropped from `state` and the previous evaluation's files move to
+    <out>/superseded/<time>/, so every method, the floor and the report are evaluated again. The new
+    state is saved before any file moves (finish_supersede completes a move cut short)."""
+    old_eval, new_eval = state["config"]["eval"], new_config["eval"]
     changed = {k: [old_eval.get(k), new_eval.get(k)] for k in sorted(set(old_eval) | set(new_eval))
                if old_eval.get(k) != new_eval.get(k)}
+    stages = [s for s in state["done"] if s.startswith("eval:") or s in ("floor", "report")]
+    state["config"] = new_config
+    if not stages and not any(os.path.exists(os.path.join(out, name)) for name in OUTPUTS):
+        write_state(out, state)  # nothing was evaluated yet: nothing to redo or keep
+        return
     stamp, i = time.strftime("%Y%m%d-%H%M%S", time.gmtime()), 1
-    dest = os.path.join(out, "superseded", stamp)
-    while os.path.exists(dest):  # two changes within a second
+    dest = os.path.join("superseded", stamp)
+    while os.path.exists(os.path.join(out, dest)):  # two changes within a second
         i += 1
-        dest = os.path.join(out, "superseded", f"{stamp}-{i}")
-    os.makedirs(dest)
-    for name in OUTPUTS:
-        if os.path.exists(os.path.join(out, name)):
-            shutil.move(os.path.join(out, name), os.path.join(dest, name))
-    for stage in [s for s in state["done"] if s.startswith("eval:") or s in ("floor", "report")]:
+        dest = os.path.join("superseded", f"{stamp}-{i}")
+    for stage in stages:
         del state["done"][stage]
     state.setdefault("evaluations", []).append({"changed": changed, "superseded": dest, "command": command,
-                                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                "moved": False})
+    write_state(out, state)
+    finish_supersede(out, state, write_state)
     log("[compare] eval settings changed (" + ", ".join(f"eval.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        + f"): the trained methods are kept and evaluated again; the previous evaluation is in {dest}")
-    return dest
+        + f"): the trained methods are kept and evaluated again; the previous evaluation is in "
+          f"{os.path.join(out, dest)}")
+
+
+def finish_supersede(out: str, state: dict, write_state=None) -> None:
+    """Move the previous evaluation's files into the superseded folder recorded last, if not yet done."""
+    rec = (state.get("evaluations") or [{}])[-1]
+    if rec.get("moved", True):
+        return
+    dest = os.path.join(out, rec["superseded"])
+    os.makedirs(dest, exist_ok=True)
+    for name in OUTPUTS:
+        if os.path.exists(os.path.join(out, name)) and not os.path.exists(os.path.join(dest, name)):
+            shutil.move(os.path.join(out, name), os.path.join(dest, name))
+    rec["moved"] = True
+    if write_state:
+        write_state(out, state)

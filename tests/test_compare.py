@@ -66,9 +66,9 @@ def test_tiny_comparison_runs_every_method_and_resumes_as_a_no_op(tiny_compariso
     assert len(children) == len(METHODS)
 
 
-def test_resume_with_fid_weights_adds_fid_to_every_method_without_training(tiny_comparison, tmp_path,
+def test_reevaluate_with_fid_weights_adds_fid_to_every_method_without_training(tiny_comparison, tmp_path,
                                                                            tiny_fid_weights):
-    """The committed table gained FID this way: the same comparison resumed with eval.fid_weights set.
+    """The committed table gained FID this way: the trained comparison re-evaluated with eval.fid_weights set.
     Run on a copy of the comparison (its Ray Train runs stay where they are, named by state.json)."""
     import shutil
 
@@ -85,7 +85,10 @@ def test_resume_with_fid_weights_adds_fid_to_every_method_without_training(tiny_
     argv = [*tiny_comparison["argv"][:2], "--output", str(out), *tiny_comparison["argv"][4:], "--resume"]
     assert "--output" not in argv[4:] and "--resume" in argv
     try:
-        assert main(argv + ["--set", f"eval.fid_weights={tiny_fid_weights}"]) == 0
+        with pytest.raises(SystemExit) as refused:  # a resume takes the --set it was started with
+            main(argv + ["--set", f"eval.fid_weights={tiny_fid_weights}"])
+        assert refused.value.code == 2
+        assert main(argv + ["--set", f"eval.fid_weights={tiny_fid_weights}", "--reevaluate"]) == 0
     finally:
         ray.shutdown()
     assert {p: p.stat().st_mtime_ns for p in (src / "runs").rglob("*") if p.is_file()} == runs  # nothing trained
@@ -101,6 +104,6 @@ def test_resume_with_fid_weights_adds_fid_to_every_method_without_training(tiny_
     assert math.isfinite(results["floor"]["fid"]) and len(results["methods"]) == len(METHODS) + 1
     [redo] = results["evaluations"]
     assert list(redo["changed"]) == ["fid_weights"]
-    assert json.loads((out / "superseded" / redo["superseded"].split("/")[-1] / "results.json").read_text()) == old
+    assert json.loads((out / redo["superseded"] / "results.json").read_text()) == old
     table = (out / "results.md").read_text()
     assert table.count("| real vs real (floor) |") == 2 and "FID at N" in table and "Evaluated again" in table
