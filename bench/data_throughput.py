@@ -159,7 +159,7 @@ def trainer_and_loop(args, cfg, shard, x, y, info, device, pipe) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def main(argv=None, out_dir=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     threads = set_threads(args.threads)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     ray.shutdown()
     name = args.out or (f"data_throughput_{device_tag(device)}" + (f"_{args.preset}" if args.tag_preset else "")
                         + ("_materialized" if args.materialize else ""))
-    write_result(name, payload, device)
+    write_result(name, payload, device, out_dir=out_dir)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Each `stage_<name>(args)` returns a JSON-able dict; a stage that measures several points saves what it has
 after each one (`save_partial`), so a stage cut off by its time cap keeps its finished points. Importable
-on a bare PyTorch machine: no Ray, no MLflow (the suite blocks both before importing this).
+on a bare PyTorch machine: no Ray, no MLflow (the suite blocks both before importing this), except the
+optional data_wait stage, which needs Ray (carried as a trimmed wheel, bench/trim_ray_wheel.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (("DiT-B/2", 256), ("DiT-XL/2", 128))  # (model, batch): XL/2 at 128 keeps the activations < 80 GB
 SHRUNK = {"DiT-B/2": "DiT-T/2", "DiT-XL/2": "DiT-M/2"}
+NEEDS_RAY = ("data_wait",)  # stages that import Ray (from the carried trimmed wheel); the rest must not
 
 
 # -- configs and timing ------------------------------------------------------------------------------
@@ -280,6 +282,54 @@ def save_partial(result: dict) -> None:
         write_json(PARTIAL[0], result)
 
 
+def synthetic_latents(uri: str, rows: int, shape=(4, 32, 32), num_classes: int = 1000) -> dict:
+    """SD-VAE-shaped latent shards (mean, logvar and their flips, float16) of random values: the bytes and
+    decode work of the 256px-latent presets, with no dataset or VAE on the box."""
+    import numpy as np
+
+    from shortcut_ray.shards import array_bytes, write_shards
+
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((rows, *shape), dtype=np.float32)
+    cols = {c: array_bytes(mean if c.startswith("mean") else np.full_like(mean, -2.0), "float16")
+            for c in ("mean", "logvar", "mean_flip", "logvar_flip")}
+    return write_shards({**cols, "label": rng.integers(0, num_classes, rows)}, uri, 2048,
+                        {"kind": "latents", "image_size": shape[1], "channels": shape[0], "num_classes": num_classes,
+                         "latent_shape": list(shape)})
+
+
+def stage_data_wait(args) -> dict:
+    """Optional (needs Ray: carry the trimmed wheel, bench/trim_ray_wheel.py): the real input path, Ray
+    Data over Parquet latent shards -> data.EpochStream -> TrainState.step_on, for DiT-B/2 at the
+    256px-latent shape; the data-wait share of the step loop and the pipeline's headroom over the trainer
+    (bench/data_throughput.py, which this runs)."""
+    import tempfile
+
+    from bench import data_throughput
+
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-latents-") as tmp:
+        rows = 512 if args.dry_run else 8192
+        synthetic_latents(os.path.join(tmp, "latents"), rows, (4, 8, 8) if args.dry_run else (4, 32, 32))
+        model, batch = ("DiT-T/2", 64) if args.dry_run else ("DiT-B/2", 256)
+        sets = [f"data.uri={tmp}/latents", "train.num_workers=1", f"train.global_batch={batch}",
+                *[f"model.{k}={v}" for k, v in _model_fields(model).items()]]
+        if args.dry_run:
+            sets.append("data.image_size=8")
+        argv = ["--device", args.device, "--preset", "imagenet256_dit_b", "--epochs", "2",
+                "--train-steps", str(args.steps), "--loop-steps", str(max(20, 2 * rows // batch)),
+                "--out", "gpu_suite_data_wait", *[a for kv in sets for a in ("--set", kv)]]
+        result_dir = Path(tmp) / "result"
+        data_throughput.main(argv, out_dir=result_dir)
+        return json.loads((result_dir / "gpu_suite_data_wait.json").read_text())
+
+
+def _model_fields(name: str) -> dict:
+    from shortcut_ray.model import model_config
+
+    return {k: v for k, v in model_config(name).__dict__.items() if k in ("hidden_size", "depth", "num_heads",
+                                                                            "patch_size")}
+
+
 def run_stage(name: str, args) -> dict:
     import shortcut_ray.distributed as distributed
 
@@ -287,7 +337,7 @@ def run_stage(name: str, args) -> dict:
         distributed.COMPILE_BACKEND = "aot_eager"
     torch.manual_seed(0)
     result = globals()[f"stage_{name}"](args)
-    leaked = [m for m in ("ray", "mlflow") if sys.modules.get(m) is not None]
+    leaked = [m for m in (("mlflow",) if name in NEEDS_RAY else ("ray", "mlflow")) if sys.modules.get(m) is not None]
     if leaked:
         raise RuntimeError(f"stage {name} imported {leaked}: the GPU box has neither")
     return result

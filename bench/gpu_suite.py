@@ -15,13 +15,17 @@ after every stage, so whatever finished is on disk when the budget or the machin
   fsdp2          the FSDP2 mixed-precision path Ray Train runs, in a one-rank NCCL group
   compiled_b/xl  DiT-B/2, then DiT-XL/2, again with train.compile=on (whole forward, batch buckets);
                  last, as their compile time is the least predictable
-Extra stage, not in the default list (ask with --stages compile_ratio):
+Extra stages, not in the default list (ask with --stages NAME,...):
   compile_ratio  compiled / eager step time of DiT-M/2 on 16x16x1, steps interleaved ABAB; meant for
                  a quiet CPU (python -m bench.gpu_suite --device cpu --stages compile_ratio)
+  data_wait      the data-wait share of the step loop through the real Ray Data path (Parquet latent
+                 shards of random values, 32x32x4, DiT-B/2 batch 256; bench/data_throughput.py). Needs
+                 Ray, which the GPU box lacks: carry `python -m bench.trim_ray_wheel` output (35.7 MiB for
+                 ray 2.60.0 cp312) and jsonschema's wheels in .whl/; gpu_suite.sh installs them
 Within a stage every finished point is saved too: a stage cut off by its cap keeps what it finished.
 
-Ray and MLflow are blocked in every stage process (sys.modules entries set to None), so a stray
-import fails here exactly as it would on the bare machine. The dry run uses tiny models, two timed
+Ray and MLflow are blocked in every stage process (sys.modules entries set to None; Ray is allowed in
+data_wait only), so a stray import fails here exactly as it would on the bare machine. The dry run uses tiny models, two timed
 steps, CPU, gloo, and the aot_eager compile backend; its JSON is a plumbing check, not a measurement.
 """
 
@@ -35,7 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-for _blocked in ("ray", "mlflow"):  # the GPU box has neither: fail here as there
+_NEEDS_RAY = "--stage" in sys.argv and sys.argv[sys.argv.index("--stage") + 1:][:1] == ["data_wait"]
+for _blocked in ("mlflow",) if _NEEDS_RAY else ("ray", "mlflow"):  # the GPU box has neither: fail here as there
     sys.modules.setdefault(_blocked, None)
 
 import torch  # noqa: E402
@@ -52,6 +57,8 @@ STAGES = {  # name -> (time cap s on GPU, what it does); the whole suite also ha
 }
 EXTRA_STAGES = {  # not in the default GPU run
     "compile_ratio": (900, "compiled / eager step time of a small model, interleaved (for a quiet CPU)"),
+    "data_wait": (150, "data-wait share through the real Ray Data path, DiT-B/2 on 32x32x4 latent shards "
+                       "(needs Ray: the trimmed wheel of bench/trim_ray_wheel.py in .whl/)"),
 }
 
 

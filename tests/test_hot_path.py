@@ -550,3 +550,44 @@ def test_gpu_suite_dry_run_env_stage(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "gpu_suite_dryrun.json").read_text())
     assert res["kind"].startswith("CPU DRY RUN") and res["stages"]["env"]["status"] == "ok"
+
+
+def test_trimmed_ray_wheel_drops_what_the_suite_never_runs_and_pip_installs_it(tmp_path):
+    """bench/trim_ray_wheel.py on a small wheel of Ray's layout: the Java jars, the dashboard's web UI, the
+    unused libraries and every tests/ folder go; the rest is byte-identical, RECORD lists exactly what is
+    left with correct hashes, and pip installs the result."""
+    import base64
+    import hashlib
+    import subprocess
+    import zipfile
+
+    from bench.trim_ray_wheel import trim
+
+    files = {"ray/__init__.py": b"__version__ = '0.0.1'\n", "ray/data/read.py": b"x = 1\n",
+             "ray/dashboard/modules/api.py": b"y = 2\n", "ray/jars/ray_dist.jar": b"J" * 5000,
+             "ray/dashboard/client/build/main.js": b"js" * 2000, "ray/rllib/algo.py": b"rl",
+             "ray/serve/api.py": b"s", "ray/llm/x.py": b"l", "ray/data/tests/test_x.py": b"t",
+             "ray-0.0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: ray\nVersion: 0.0.1\n",
+             "ray-0.0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: py3-none-any\n"}
+    src = tmp_path / "full" / "ray-0.0.1-py3-none-any.whl"
+    src.parent.mkdir()
+    with zipfile.ZipFile(src, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("ray-0.0.1.dist-info/RECORD", "stale\n")
+    res = trim(str(src), str(tmp_path / "out"))
+    kept = {"ray/__init__.py", "ray/data/read.py", "ray/dashboard/modules/api.py", "ray-0.0.1.dist-info/METADATA",
+            "ray-0.0.1.dist-info/WHEEL"}
+    with zipfile.ZipFile(res["wheel"]) as z:
+        assert set(z.namelist()) == kept | {"ray-0.0.1.dist-info/RECORD"}
+        assert all(z.read(n) == files[n] for n in kept)
+        record = {line.split(",")[0]: line.split(",")[1:] for line in z.read("ray-0.0.1.dist-info/RECORD").decode().split()}
+    for name in kept:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(files[name]).digest()).rstrip(b"=").decode()
+        assert record[name] == [f"sha256={digest}", str(len(files[name]))], name
+    assert record["ray-0.0.1.dist-info/RECORD"] == ["", ""] and len(record) == len(kept) + 1
+    assert res["files_dropped"] == 6
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
+                    res["wheel"]], check=True)
+    assert (site / "ray" / "data" / "read.py").read_bytes() == b"x = 1\n" and not (site / "ray" / "jars").exists()
