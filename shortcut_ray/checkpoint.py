@@ -282,7 +282,8 @@ def _fused_name(name: str) -> str:
 @contextlib.contextmanager
 def _current_layout(path: str):
     """The checkpoint at `path`, or a private converted copy of it (removed afterwards) when it was
-    written before the fused q/k/v projection, so such runs still resume and sample."""
+    written before the fused q/k/v projection, so such runs still resume and sample. Every process
+    converts its own copy: the whole checkpoint in host memory and in the temp dir, once, per rank."""
     if not any(_LEGACY_QKV.match(k) for k in safe_dcp.SafeReader(path).read_metadata().state_dict_metadata):
         yield path
         return

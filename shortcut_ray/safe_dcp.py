@@ -125,18 +125,13 @@ def load(state: dict, path: str, no_dist: bool) -> None:
 
 def read_all(path: str) -> dict:
     """Every entry of a DCP checkpoint as one flat dict {"model.blocks.0.attn.qkv.weight": tensor,
-    "optim.param_groups.0.params": [...], ...}, read through the safe reader and planner (whole, in
-    this process: for conversions of small and legacy checkpoints, not for the training path)."""
-    import torch.distributed.checkpoint as dcp
+    "optim.param_groups.0.params": [...], ...}, read through the safe reader and planner (`load`: refusals
+    keep their type). Whole, in this process: for conversions of small and legacy checkpoints, not for the
+    training path."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader, planner = SafeReader(path), SafePlanner()
-    md = reader.read_metadata()
+    md = SafeReader(path).read_metadata()
     flat = {k: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
             for k, m in md.state_dict_metadata.items()}
-    with single_process_quiet():
-        dcp.load(flat, checkpoint_id=path, storage_reader=SafeReader(path), planner=planner, no_dist=True)
-    if planner.refused is not None:
-        raise planner.refused
+    load(flat, path, no_dist=True)
     return flat
-
