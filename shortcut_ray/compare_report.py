@@ -73,7 +73,7 @@ def plot(results: dict, order, path: str) -> None:
     import matplotlib.pyplot as plt
 
     steps, metrics = results["steps"], metrics_of(results)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics) + 3, 4.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for key in order:
             r = results["methods"][key]
@@ -86,7 +86,7 @@ def plot(results: dict, order, path: str) -> None:
         ax.set_xlabel("sampling steps N")
         ax.set_ylabel("FID" if metric == "fid" else "FD (pixel space)")
         ax.set_title(f"{results['preset']}: {results['samples']} samples, {results['budget']['max_steps']} steps each")
-        ax.legend(fontsize=7, loc="best")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # one legend, beside the panels
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
