@@ -88,14 +88,17 @@ def test_reevaluate_with_fid_weights_adds_fid_to_every_method_without_training(t
         with pytest.raises(SystemExit) as refused:  # a resume takes the --set it was started with
             main(argv + ["--set", f"eval.fid_weights={tiny_fid_weights}"])
         assert refused.value.code == 2
-        assert main(argv + ["--set", f"eval.fid_weights={tiny_fid_weights}", "--reevaluate"]) == 0
+        # N = 1 and 128 only: each FID is a 2048-d sqrtm (~2 s here); all five N took 122 s in CI
+        assert main(argv + ["--set", f"eval.fid_weights={tiny_fid_weights}", "--set", "eval.fid_steps=1,128",
+                            "--reevaluate"]) == 0
     finally:
         ray.shutdown()
     assert {p: p.stat().st_mtime_ns for p in (src / "runs").rglob("*") if p.is_file()} == runs  # nothing trained
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "fid" and set(results["methods"]) == set(old["methods"])
     for name, r in results["methods"].items():
-        for n in (1, 2, 4, 8, 128):
+        assert sorted(r["metrics"]) == ["fd_pixel/N1", "fd_pixel/N128", "fid/N1", "fid/N128"], name
+        for n in (1, 128):
             assert math.isfinite(r["metrics"][f"fid/N{n}"]), (name, n)
             # the same checkpoints, noise and reference: the pixel FD is unchanged
             assert r["metrics"][f"fd_pixel/N{n}"] == pytest.approx(old["methods"][name]["metrics"][f"fd_pixel/N{n}"],
@@ -103,7 +106,7 @@ def test_reevaluate_with_fid_weights_adds_fid_to_every_method_without_training(t
         assert r["report"]["inception"].startswith("tiny.pt")
     assert math.isfinite(results["floor"]["fid"]) and len(results["methods"]) == len(METHODS) + 1
     [redo] = results["evaluations"]
-    assert list(redo["changed"]) == ["fid_weights"]
+    assert list(redo["changed"]) == ["fid_steps", "fid_weights"] and results["steps"] == [1, 128]
     assert json.loads((out / redo["superseded"] / "results.json").read_text()) == old
     table = (out / "results.md").read_text()
     assert table.count("| real vs real (floor) |") == 2 and "FID at N" in table and "Evaluated again" in table
