@@ -11,6 +11,7 @@ import io
 import os
 import re
 import sys
+import time
 from typing import Protocol
 
 import numpy as np
@@ -296,7 +297,21 @@ def log_dataset_input(client, run_id: str, uri: str, manifest: dict, name: str) 
     schema = {"image": manifest.get("kind", "pixels"), "label": "int64"}
     ds = Dataset(name=name, digest=digest, source_type="local" if "://" not in uri else uri.split("://")[0],
                  source=json.dumps({"uri": uri}), schema=json.dumps(schema), profile=json.dumps(profile, default=str))
-    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])]
+    for attempt in range(DATASET_RETRIES + 1):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as e:  # noqa: BLE001 - MlflowException (RestException over HTTP)
+            # Runs that start together (a sweep's trials, compare --parallel) log the same dataset: the
+            # server's check-then-insert races and all but one fail on the unique row; the retry then
+            # finds the row and links it.
+            if attempt == DATASET_RETRIES or not any(m in str(e) for m in ("UNIQUE constraint", "IntegrityError")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+DATASET_RETRIES = 3
 
 
 # The pyfunc model is "models from code": MLflow stores this file, not a pickled class, and runs it on

@@ -83,3 +83,47 @@ def test_dataset_input_recorded(tracker):
     ds = inputs[0].dataset
     assert ds.name == "digits" and "/data/digits-16" in ds.source and '"rows": 1797' in ds.profile
     assert '"shards": 2' in ds.profile and len(ds.digest) == 16
+
+
+def test_dataset_input_survives_the_race_of_runs_that_start_together(tracker):
+    """A sweep's trials log the same dataset at once; the server's check-then-insert lets one win and the
+    others fail on the unique row ("UNIQUE constraint failed: datasets..."; seen in CI as a retried
+    trial and a fifth MLflow child run). The losers retry and link the row the winner inserted; other
+    errors are not retried."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from shortcut_ray.tracking import log_dataset_input
+
+    real = MlflowClient(tracker.tracking_uri)
+    other = real.create_run(real.get_run(tracker.run_id).info.experiment_id).info.run_id
+    manifest = {"rows": 10, "kind": "pixels", "image_size": 16, "channels": 1, "num_classes": 10}
+
+    class LosesTheRaceOnce:  # the real store; its first call loses the race to `other`, as on the server
+        calls = 0
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls == 1:
+                log_dataset_input(real, other, "/data/d", manifest, "d")  # the winner inserts the row
+                raise MlflowException("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                      "datasets.experiment_id, datasets.name, datasets.digest")
+            real.log_inputs(run_id, datasets=datasets)
+
+    client = LosesTheRaceOnce()
+    log_dataset_input(client, tracker.run_id, "/data/d", manifest, "d")
+    assert client.calls == 2
+    mine, theirs = (real.get_run(r).inputs.dataset_inputs for r in (tracker.run_id, other))
+    assert [i.dataset.digest for i in mine] == [i.dataset.digest for i in theirs] and len(mine) == 1
+
+    class Down:
+        calls = 0
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            raise MlflowException("connection refused")
+
+    down = Down()
+    with pytest.raises(MlflowException, match="connection refused"):
+        log_dataset_input(down, tracker.run_id, "/data/d", manifest, "d")
+    assert down.calls == 1  # not a race: no retry
