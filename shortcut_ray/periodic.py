@@ -27,7 +27,7 @@ from . import checkpoint
 from .config import Config
 from .distributed import all_gather_rows, all_reduce_mean
 from .optim import lr_at
-from .progress import Progress
+from .progress import PREFIX, Progress, eval_line
 from .sampler import fixed_noise, sample
 from .train_step import TrainState
 
@@ -103,7 +103,7 @@ class MetricsLogger:
         self.tracker.log_metrics(host, step)
         self.progress.update(step)
         if self.rank == 0:
-            say("[shortcut-ray] " + self.progress.line(step, host["train/loss"], ips))
+            say(PREFIX + self.progress.line(step, host["train/loss"], ips))
         self._restart()
 
 
@@ -203,7 +203,7 @@ class EvalAction:
         self.tracker.log_metrics(metrics, step)
         self.tracker.log_dict({"step": step, **details}, f"eval/step_{step:07d}.json")
         if self.rank == 0:
-            say(f"[shortcut-ray] eval step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            say(PREFIX + eval_line(step, metrics))
             self._quality_chart(metrics, step)
         from .diagnostics import supported
 

@@ -70,6 +70,15 @@ class Progress:
                 + (f"  {extra}" if extra else ""))
 
 
+PREFIX = "[shortcut-ray] "
+"""Starts every line the worker prints for the user (bench/quickstart.py reads the two below by it)."""
+
+
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    """'eval step 1500: eval/fd_pixel/N1 8.85, eval/fd_pixel/N2 6.52' (the metrics in their order)."""
+    return f"eval step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+
+
 def quality_table(metrics: dict[str, float]) -> list[str]:
     """eval/* metrics -> aligned text lines, one per N: 'N  fd_pixel  fid' (lower is better)."""
     kinds = sorted({k.split("/")[-2] for k in metrics if k.count("/") >= 1 and k.rsplit("/", 1)[-1].startswith("N")})
