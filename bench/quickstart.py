@@ -38,7 +38,7 @@ from shortcut_ray.progress import PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(re.escape(PREFIX) + r"step\s+(\d+)/(\d+) ")  # progress.Progress.line
-EVAL_LINE = re.compile(re.escape(PREFIX) + r"eval step (\d+): (.*)$")  # progress.eval_line
+EVAL_LINE = re.compile(re.escape(PREFIX) + r"eval step \d+: (.*)$")  # progress.eval_line
 ARM_SETTING = re.compile(r",(?=[\w.]+=)")  # a comma that starts the next KEY=
 
 
@@ -77,7 +77,7 @@ class Phases:
             return
         m = EVAL_LINE.search(line)
         if m:
-            self.metrics = parse_metrics(m.group(2))
+            self.metrics = parse_metrics(m.group(1))
 
     def summary(self, wall: float) -> dict:
         if self.first_step is None:

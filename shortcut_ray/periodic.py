@@ -33,9 +33,10 @@ from .train_step import TrainState
 
 
 def say(message: str) -> None:
-    """One line to the worker's stdout, which Ray forwards to the driver. Not print(): Train V2 patches
-    print into its logger *and* tees it to a wrapped stdout, so every printed line reached the job log twice."""
-    sys.stdout.write(message + "\n")
+    """One line, `progress.PREFIX` + message, to the worker's stdout, which Ray forwards to the driver.
+    Not print(): Train V2 patches print into its logger *and* tees it to a wrapped stdout, so every
+    printed line reached the job log twice."""
+    sys.stdout.write(PREFIX + message + "\n")
     sys.stdout.flush()
 
 
@@ -103,7 +104,7 @@ class MetricsLogger:
         self.tracker.log_metrics(host, step)
         self.progress.update(step)
         if self.rank == 0:
-            say(PREFIX + self.progress.line(step, host["train/loss"], ips))
+            say(self.progress.line(step, host["train/loss"], ips))
         self._restart()
 
 
@@ -203,7 +204,7 @@ class EvalAction:
         self.tracker.log_metrics(metrics, step)
         self.tracker.log_dict({"step": step, **details}, f"eval/step_{step:07d}.json")
         if self.rank == 0:
-            say(PREFIX + eval_line(step, metrics))
+            say(eval_line(step, metrics))
             self._quality_chart(metrics, step)
         from .diagnostics import supported
 
@@ -290,6 +291,6 @@ def publish_model(cfg: Config, state: TrainState, rank: int, tracker) -> dict:
         uri = tracker.log_generator(weights, config, cfg, name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    say(f"[shortcut-ray] logged the generator: {uri}")
+    say(f"logged the generator: {uri}")
     tracker.set_tags({"model_uri": uri})
     return {"model_uri": uri}

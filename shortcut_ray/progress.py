@@ -71,7 +71,8 @@ class Progress:
 
 
 PREFIX = "[shortcut-ray] "
-"""Starts every line the worker prints for the user (bench/quickstart.py reads the two below by it)."""
+"""Starts every line the worker prints for the user (`periodic.say` adds it; the jobs' own lines type it
+out); bench/quickstart.py finds the progress and eval lines by it."""
 
 
 def eval_line(step: int, metrics: dict[str, float]) -> str:

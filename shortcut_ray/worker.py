@@ -90,7 +90,7 @@ class Runner:
                                    modules=self.state.checkpoint_modules())
         self.state.step, self.epoch = int(meta["step"]), int(meta.get("epoch", 0))
         if self.rank == 0:
-            _say(f"[shortcut-ray] resumed {self.run_name} at step {self.state.step} from {ckpt.path}")
+            _say(f"resumed {self.run_name} at step {self.state.step} from {ckpt.path}")
             _warn_uncommitted(self.state.step)
         if ray.train.get_checkpoint() is None:  # a warm start begins a new MLflow run
             meta.pop("mlflow_run_id", None)
@@ -110,7 +110,7 @@ class Runner:
                 raise PermanentError(f"MLflow at {self.cfg.tracking.tracking_uri} failed at the start of the run "
                                      f"({why}); fix the server or tracking.tracking_uri, or set "
                                      f"tracking.enabled=false") from None
-            _say(f"[shortcut-ray] warning: MLflow failed on restart ({why}); training continues without tracking")
+            _say(f"warning: MLflow failed on restart ({why}); training continues without tracking")
             self.tracker = NullTracker()
             self.run_id = run_id
 
@@ -239,7 +239,7 @@ class Runner:
             self.tracker.set_tags({"failure_reason": f"{type(error).__name__}: {error}"[:4000]})
             self.tracker.end(status)
         except Exception as e:  # noqa: BLE001 - the tracking server may be the thing that failed
-            _say(f"[shortcut-ray] warning: could not mark the MLflow run {status}: {e}")
+            _say(f"warning: could not mark the MLflow run {status}: {e}")
 
     def _flops_per_image(self) -> float:
         """Training FLOPs per image: 3x forward for the online pass (fwd + bwd) plus the objective's extra
@@ -269,7 +269,7 @@ def _warn_uncommitted(step: int) -> None:
     newer = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
                    and (checkpoint.step_of(i.base_name) or 0) > step)
     if newer:
-        _say(f"[shortcut-ray] note: {', '.join(newer)} in storage was never committed by Ray Train (the job "
+        _say(f"note: {', '.join(newer)} in storage was never committed by Ray Train (the job "
              f"stopped while reporting it); continuing from the last committed checkpoint, step {step}")
 
 
